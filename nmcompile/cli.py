@@ -1,0 +1,125 @@
+"""The `nmcompile` command: compile (the default verb), inspect, verify, bench.
+
+Exit codes: 0 success, 2 bad input or usage, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from . import __version__
+from .errors import UserError
+
+VERBS = ("compile", "inspect", "verify", "bench")
+
+EPILOG = """verbs:
+  nmcompile MODEL.onnx [options]          compile (same as 'nmcompile compile MODEL.onnx')
+  nmcompile inspect MODEL.onnx            per-layer sparsity and the N:M patterns already followed
+  nmcompile verify ORIGINAL COMPILED      compare outputs of a compiled model with its original
+  nmcompile bench MODEL [--baseline ORIG] latency and throughput on the configured providers
+
+exit codes: 0 success, 2 bad input or usage, 1 internal error (--debug shows the traceback)
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see '{self.prog} --help')")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary table")
+
+
+def _compile_parser(prog: str) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=prog,
+        description="Compile an ONNX model: N:M-prune the weights of MatMul, Gemm and Conv along their reduction axis.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="input ONNX model (.onnx); external data files are read from its folder")
+    p.add_argument("-o", "--output", help="output model path (default: MODEL.nm.onnx beside the input; never the input)")
+    p.add_argument("--pattern", default="2:4", help="N:M: keep at most N nonzeros in every M along the reduction axis, 0<N<M<=32; 'none' to skip pruning (default 2:4)")
+    p.add_argument("--sequential", action="store_true", help="sequential N:M: the M-N pruned weights of each group are consecutive")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
+    p.add_argument("--version", action="version", version=f"nmcompile {__version__}")
+    _add_common(p)
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nmcompile inspect", description="Per-layer sparsity of a model and the N:M patterns its weights already follow.")
+    p.add_argument("model", help="ONNX model to inspect")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_common(p)
+    return p
+
+
+def run_compile(args) -> int:
+    from .pipeline import compile_model
+    from .summary import format_summary
+
+    result = compile_model(
+        args.model,
+        output=args.output,
+        pattern=args.pattern,
+        sequential=args.sequential,
+        exclude=args.exclude,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if not args.quiet:
+        print(format_summary(result))
+    return 0
+
+
+def run_inspect(args) -> int:
+    from .inspect import format_inspect, inspect_model
+
+    result = inspect_model(args.model)
+    print(json.dumps(result, indent=2) if args.json else format_inspect(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="nmcompile: %(message)s", stream=sys.stderr)
+    try:
+        verb = argv[0] if argv and argv[0] in VERBS else "compile"
+        rest = argv[1:] if argv and argv[0] in VERBS else argv
+        if verb == "compile":
+            args = _compile_parser("nmcompile").parse_args(rest)
+            return run_compile(args)
+        if verb == "inspect":
+            return run_inspect(_inspect_parser().parse_args(rest))
+        from . import cli_runtime
+
+        return cli_runtime.main(verb, rest)
+    except UserError as exc:
+        print(f"nmcompile: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nmcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # internal error: short by default
+        if debug:
+            traceback.print_exc()
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"nmcompile: internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

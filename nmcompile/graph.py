@@ -1,0 +1,73 @@
+"""Who produces and who consumes each tensor of the main graph; small helpers over NodeProto."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import onnx
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for op in model.opset_import:
+        if op.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return op.version
+    return 0
+
+
+class GraphIndex:
+    """Producer and consumer maps of a graph; rebuild after structural edits."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((node, i))
+        # Tensors read inside subgraphs by name count as consumed too.
+        for node in graph.node:
+            for a in node.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+                for sub in subs:
+                    for name in _outer_names(sub):
+                        self.consumers[name].append((node, -1))
+        self.graph_outputs = {o.name for o in graph.output}
+        self.initializers = {t.name for t in graph.initializer}
+
+    def uses(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        return self.consumers.get(name, [])
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.graph_outputs
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _outer_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    names |= _outer_names(g)
+    return names

@@ -1,0 +1,376 @@
+"""Reading and writing ONNX models without holding several copies of their weights.
+
+Models are parsed with their external data left on disk; an initializer's array
+is read on demand (memory-mapped when it lives in an external file), and the
+compiler hands back only the arrays it changed. Saving streams every tensor
+once, into the output file or an external data file, under temporary names that
+are renamed into place only when everything has been written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import UserError
+
+# Protobuf refuses to serialize messages over 2 GiB; stay well below it.
+INLINE_LIMIT_BYTES = 1_800_000_000
+# Tensors smaller than this stay inside the .onnx file even in external mode.
+EXTERNAL_MIN_BYTES = 1024
+EXTERNAL_ALIGN = 4096
+# Output models are written with this IR version unless the input asks for
+# less: newer onnx releases default to IR versions ONNX Runtime cannot read.
+MAX_IR_VERSION = 10
+
+
+def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph (If/Loop/Scan bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from iter_graphs(g)
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every tensor that can carry data: initializers and tensor attributes, subgraphs included."""
+    for tensor, _ in _tensors_with_origin(model.graph, True):
+        yield tensor
+
+
+def _tensors_with_origin(graph: onnx.GraphProto, top: bool) -> Iterator[tuple[TensorProto, bool]]:
+    """(tensor, is_main_graph_initializer): overrides are keyed by main-graph initializer names."""
+    for t in graph.initializer:
+        yield t, top
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, False
+        yield sparse.indices, False
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t, False
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield t, False
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors_with_origin(attr.g, False)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _tensors_with_origin(g, False)
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+@dataclass
+class ExternalRef:
+    location: str
+    offset: int
+    length: int | None
+
+
+def external_ref(tensor: TensorProto) -> ExternalRef:
+    info = {e.key: e.value for e in tensor.external_data}
+    if "location" not in info:
+        raise UserError(f"tensor {tensor.name!r}: external data without a location")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise UserError(f"tensor {tensor.name!r}: malformed external data offset/length") from None
+    return ExternalRef(info["location"], offset, length)
+
+
+def resolve_external_path(base_dir: Path, location: str, tensor_name: str) -> Path:
+    """The file an external-data location names, refusing anything that leaves base_dir."""
+    if not location or "\x00" in location:
+        raise UserError(f"tensor {tensor_name!r}: empty external data location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise UserError(f"tensor {tensor_name!r}: external data location {location!r} is an absolute path")
+    parts = Path(location.replace("\\", "/")).parts
+    if ".." in parts:
+        raise UserError(f"tensor {tensor_name!r}: external data location {location!r} leaves the model's folder")
+    current = base_dir
+    for part in parts:
+        current = current / part
+        if current.is_symlink():
+            raise UserError(f"tensor {tensor_name!r}: external data location {location!r} goes through a symbolic link")
+    if not current.is_file():
+        raise UserError(f"tensor {tensor_name!r}: external data file {location!r} not found beside the model")
+    return current
+
+
+def tensor_nbytes(tensor: TensorProto) -> int:
+    if is_external(tensor):
+        ref = external_ref(tensor)
+        if ref.length is not None:
+            return ref.length
+    if tensor.HasField("raw_data") or tensor.raw_data:
+        return len(tensor.raw_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+class LoadedModel:
+    """A parsed model whose initializer arrays are read lazily and overridden by name."""
+
+    def __init__(self, model: onnx.ModelProto, path: Path):
+        self.model = model
+        self.path = path
+        self.base_dir = path.parent
+        self.has_external_data = any(is_external(t) for t in iter_tensors(model))
+        self._overrides: dict[str, np.ndarray] = {}
+        self._initializers = {t.name: t for t in model.graph.initializer}
+
+    # -- initializers ---------------------------------------------------------
+    def initializer(self, name: str) -> TensorProto | None:
+        return self._initializers.get(name)
+
+    def refresh_index(self) -> None:
+        self._initializers = {t.name: t for t in self.model.graph.initializer}
+
+    def array(self, name: str) -> np.ndarray:
+        """The initializer's current value (read-only view for external data)."""
+        if name in self._overrides:
+            return self._overrides[name]
+        tensor = self._initializers[name]
+        return read_tensor(tensor, self.base_dir)
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        tensor = self._initializers[name]
+        expected = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        value = np.ascontiguousarray(value, dtype=expected)
+        if tuple(value.shape) != tuple(tensor.dims):
+            # Reshaping an initializer is a graph edit: dims follow the array.
+            del tensor.dims[:]
+            tensor.dims.extend(value.shape)
+        self._overrides[name] = value
+
+    def add_initializer(self, name: str, value: np.ndarray) -> None:
+        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.model.graph.initializer.append(tensor)
+        self._initializers[name] = self.model.graph.initializer[-1]
+        self._overrides[name] = np.ascontiguousarray(value)
+
+    def remove_initializer(self, name: str) -> None:
+        inits = self.model.graph.initializer
+        for i, t in enumerate(inits):
+            if t.name == name:
+                del inits[i]
+                break
+        self._overrides.pop(name, None)
+        self._initializers.pop(name, None)
+
+    @property
+    def changed(self) -> set[str]:
+        return set(self._overrides)
+
+    def weight_bytes(self) -> int:
+        return sum(tensor_nbytes(t) for t in iter_tensors(self.model))
+
+
+def read_tensor(tensor: TensorProto, base_dir: Path) -> np.ndarray:
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    ref = external_ref(tensor)
+    file = resolve_external_path(base_dir, ref.location, tensor.name)
+    count = int(np.prod(shape, dtype=np.int64))
+    nbytes = count * dtype.itemsize
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
+        raise UserError(f"tensor {tensor.name!r}: 4-bit tensors in external data are not supported")
+    size = file.stat().st_size
+    if ref.offset < 0 or ref.offset + nbytes > size or (ref.length is not None and ref.length < nbytes):
+        raise UserError(f"tensor {tensor.name!r}: external data in {ref.location!r} is shorter than the tensor")
+    if count == 0:
+        return np.zeros(shape, dtype)
+    arr = np.memmap(file, dtype=dtype.newbyteorder("<"), mode="r", offset=ref.offset, shape=(count,))
+    return arr.reshape(shape)
+
+
+def _read_raw_external(tensor: TensorProto, base_dir: Path) -> memoryview:
+    ref = external_ref(tensor)
+    file = resolve_external_path(base_dir, ref.location, tensor.name)
+    length = ref.length if ref.length is not None else file.stat().st_size - ref.offset
+    if ref.offset < 0 or ref.offset + length > file.stat().st_size:
+        raise UserError(f"tensor {tensor.name!r}: external data in {ref.location!r} is shorter than the tensor")
+    if length == 0:
+        return memoryview(b"")
+    return memoryview(np.memmap(file, dtype=np.uint8, mode="r", offset=ref.offset, shape=(length,)))
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Parse a model file, leaving external data on disk; every failure is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not an ONNX model file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    if size == 0:
+        raise UserError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
+    if not model.graph.node or not model.opset_import or model.ir_version <= 0:
+        raise UserError(f"{path}: not a valid ONNX model (no graph, opset or IR version; truncated?)")
+    for tensor in iter_tensors(model):
+        if is_external(tensor):
+            ref = external_ref(tensor)
+            file = resolve_external_path(path.parent, ref.location, tensor.name)
+            need = ref.offset + (ref.length if ref.length is not None else 0)
+            if ref.offset < 0 or need > file.stat().st_size:
+                raise UserError(f"tensor {tensor.name!r}: external data in {ref.location!r} is truncated")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
+        raise UserError(f"{path}: invalid ONNX model: {first}") from None
+    return LoadedModel(model, path)
+
+
+# -- saving -------------------------------------------------------------------
+
+
+@dataclass
+class SaveResult:
+    model_path: Path
+    data_path: Path | None
+    model_bytes: int
+    data_bytes: int = 0
+    extra: list[Path] = field(default_factory=list)
+
+
+class AtomicWriter:
+    """Files written under temporary names in their final folder, renamed together at commit."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+
+    def open(self, final: Path):
+        final = Path(final)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        self._pending.append((Path(tmp), final))
+        return os.fdopen(fd, "wb")
+
+    def write_bytes(self, final: Path, data: bytes) -> None:
+        with self.open(final) as fh:
+            fh.write(data)
+
+    def commit(self) -> None:
+        for tmp, final in self._pending:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        self._pending.clear()
+
+    def abort(self) -> None:
+        for tmp, _ in self._pending:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+        self._pending.clear()
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, external: bool | None = None) -> SaveResult:
+    """Write the model with its overridden arrays; external data when the input had it or size demands it.
+
+    The written files are registered with `writer`; nothing is visible until it commits.
+    """
+    out_path = Path(out_path)
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+    total = 0
+    for graph in iter_graphs(model.graph):
+        for t in graph.initializer:
+            total += _current_nbytes(loaded, t)
+    if external is None:
+        external = loaded.has_external_data or total > INLINE_LIMIT_BYTES
+
+    data_path = out_path.with_name(out_path.name + ".data") if external else None
+    data_bytes = 0
+    with ExitStack() as stack:
+        data_fh = stack.enter_context(writer.open(data_path)) if external else None
+        for tensor, is_top in _tensors_with_origin(model.graph, True):
+            override = loaded._overrides.get(tensor.name) if is_top else None
+            if override is not None:
+                raw = memoryview(np.ascontiguousarray(override).astype(override.dtype.newbyteorder("<"), copy=False)).cast("B")
+            elif is_external(tensor):
+                raw = _read_raw_external(tensor, loaded.base_dir)
+            else:
+                raw = None  # inline, untouched
+            inline_small = raw is not None and len(raw) < EXTERNAL_MIN_BYTES
+            if external and (raw is not None or len(tensor.raw_data) >= EXTERNAL_MIN_BYTES) and not inline_small:
+                if raw is None:
+                    raw = memoryview(tensor.raw_data) if tensor.raw_data else memoryview(numpy_helper.to_array(tensor).tobytes())
+                pad = (-data_bytes) % EXTERNAL_ALIGN
+                if pad:
+                    data_fh.write(b"\0" * pad)
+                    data_bytes += pad
+                offset = data_bytes
+                data_fh.write(raw)
+                data_bytes += len(raw)
+                _set_external(tensor, data_path.name, offset, len(raw))
+            elif raw is not None:
+                _set_inline(tensor, bytes(raw))
+        serialized = model.SerializeToString()
+        writer.write_bytes(out_path, serialized)
+    return SaveResult(out_path, data_path, len(serialized), data_bytes)
+
+
+def _current_nbytes(loaded: LoadedModel, tensor: TensorProto) -> int:
+    override = loaded._overrides.get(tensor.name)
+    return override.nbytes if override is not None else tensor_nbytes(tensor)
+
+
+def _set_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(f)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key = key
+        entry.value = value
+
+
+def _set_inline(tensor: TensorProto, raw: bytes) -> None:
+    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(f)
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+    tensor.raw_data = raw
+
+
+def check_saved(path: Path) -> None:
+    """onnx.checker by path, which also works for models with external data over 2 GB."""
+    onnx.checker.check_model(str(path))

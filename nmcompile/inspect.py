@@ -1,0 +1,111 @@
+"""`nmcompile inspect`: which N:M patterns a model's weights already follow."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nmcompile.passes.base import CompileContext
+from nmcompile.passes.canonicalize import ConstantsToInitializers, NameNodes
+from nmcompile.passes.targets import WeightView, find_targets
+
+from . import graphio
+
+INSPECT_M = (4, 8, 16, 32)
+TRANSPOSABLE_M = (4, 8)
+# (n, m, transposable, unstructured, label)
+DIVERSITY_PATTERNS = (
+    (1, 2, False, True, "unstructured 50%"),
+    (4, 8, False, False, "4:8"),
+    (2, 4, False, False, "2:4"),
+    (4, 8, True, False, "4:8-T"),
+    (2, 4, True, False, "2:4-T"),
+)
+
+
+def as_tiles_matrix(weight: np.ndarray, out_axis: int, red_axis: int) -> np.ndarray:
+    """The weight as a stack of [outputs, reductions] matrices, one per remaining index (kernel position)."""
+    moved = np.moveaxis(weight, (out_axis, red_axis), (-2, -1))
+    return moved.reshape((-1,) + moved.shape[-2:])
+
+
+def smallest_n(weight: np.ndarray, m: int, axis: int) -> int | None:
+    axis = axis % weight.ndim
+    if weight.shape[axis] % m or weight.size == 0:
+        return None
+    nz = np.moveaxis(weight != 0, axis, -1).reshape(-1, m)
+    return int(nz.sum(axis=1).max())
+
+
+def transposable_n(weight: np.ndarray, m: int, out_axis: int, red_axis: int) -> int | None:
+    """Smallest N such that every m×m tile has at most N nonzeros per row and per column."""
+    mats = as_tiles_matrix(weight != 0, out_axis, red_axis)
+    p, rows, cols = mats.shape
+    if rows % m or cols % m or mats.size == 0:
+        return None
+    tiles = mats.reshape(p, rows // m, m, cols // m, m)
+    return int(max(tiles.sum(axis=4).max(), tiles.sum(axis=2).max()))
+
+
+def inspect_model(path: str | os.PathLike) -> dict:
+    """Per-layer sparsity and the N:M patterns each target weight satisfies."""
+    from nmcompile.passes.transposable import mask_diversity
+
+    loaded = graphio.load_model(Path(path))
+    ctx = CompileContext(model=loaded, options=None)
+    NameNodes()(ctx)
+    ConstantsToInitializers()(ctx)
+    layers = []
+    for target in find_targets(loaded):
+        use = target.primary
+        weight = WeightView(loaded, target.weight, use).effective()
+        row = {
+            "name": target.name,
+            "op": target.op,
+            "weight": target.weight,
+            "shape": list(use.eff_shape),
+            "sparsity": float(np.count_nonzero(weight == 0) / weight.size) if weight.size else 0.0,
+            "smallest_n": {str(m): smallest_n(weight, m, use.red_axis) for m in INSPECT_M},
+            "transposable": {},
+        }
+        for m in TRANSPOSABLE_M:
+            n = transposable_n(weight, m, use.out_axis, use.red_axis)
+            row["transposable"][str(m)] = n
+        layers.append(row)
+    diversity = []
+    for n, m, transposable, unstructured, label in DIVERSITY_PATTERNS:
+        count = mask_diversity(n, m, transposable, weights=64, unstructured=unstructured)
+        diversity.append({"pattern": label, "masks_per_64_weights": count})
+    return {"model": Path(path).name, "layers": layers, "mask_diversity": diversity}
+
+
+def format_inspect(result: dict) -> str:
+    header = ["layer", "op", "shape", "sparsity"] + [f"N:{m}" for m in INSPECT_M] + ["transposable"]
+    rows = []
+    for layer in result["layers"]:
+        cells = [layer["name"], layer["op"], "x".join(map(str, layer["shape"])), f"{layer['sparsity']:.1%}"]
+        for m in INSPECT_M:
+            n = layer["smallest_n"][str(m)]
+            cells.append("-" if n is None else f"{n}:{m}")
+        t = []
+        for m in TRANSPOSABLE_M:
+            n = layer["transposable"][str(m)]
+            if n is not None and n < m:
+                t.append(f"{n}:{m}-T")
+        cells.append(", ".join(t) if t else "no")
+        rows.append(cells)
+    out = [format_table(header, rows)]
+    out.append("")
+    out.append("mask diversity (valid masks per 64 weights):")
+    out.append(format_table(["pattern", "masks"], [[d["pattern"], f"{d['masks_per_64_weights']:.3g}"] for d in result["mask_diversity"]]))
+    return "\n".join(out)
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in header]
+    for r in rows:
+        widths = [max(w, len(str(c))) for w, c in zip(widths, r)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,211 @@
+"""compile(): load -> canonicalize -> pass pipeline -> emit, the Python face of the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from nmcompile.passes.base import CompileContext, PassManager
+from nmcompile.passes.canonicalize import canonicalize_passes
+from nmcompile.passes.nm_mask import NMMask
+from nmcompile.passes.targets import FindTargets, WeightView
+
+from . import graphio
+from .errors import UserError
+from .patterns import Pattern, parse_pattern
+
+
+@dataclass
+class CompileOptions:
+    pattern: Pattern | None = field(default_factory=lambda: Pattern(2, 4))
+    sequential: bool = False
+    exclude: tuple[str, ...] = ()
+    progress: bool = False
+
+    def describe(self) -> dict:
+        return {
+            "pattern": str(self.pattern) if self.pattern else "none",
+            "sequential": self.sequential,
+            "exclude": list(self.exclude),
+        }
+
+
+@dataclass
+class OutputPaths:
+    model: Path
+    report: Path
+    ep: Path
+
+    @classmethod
+    def for_output(cls, output: Path) -> "OutputPaths":
+        stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+        return cls(output, output.with_name(stem + ".report.json"), output.with_name(stem + ".ep.json"))
+
+    def all(self) -> list[Path]:
+        return [self.model, self.model.with_name(self.model.name + ".data"), self.report, self.ep]
+
+
+@dataclass
+class CompileResult:
+    paths: OutputPaths
+    report: dict
+    data_path: Path | None
+    seconds: float
+
+
+def default_output(model_path: Path) -> Path:
+    name = model_path.name
+    stem = name[: -len(".onnx")] if name.endswith(".onnx") else name
+    return model_path.with_name(stem + ".nm.onnx")
+
+
+def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths) -> None:
+    """Refuse outputs that would overwrite the input or its data, or that cannot be written."""
+    inputs = {os.path.realpath(loaded.path)}
+    for tensor in graphio.iter_tensors(loaded.model):
+        if graphio.is_external(tensor):
+            inputs.add(os.path.realpath(loaded.base_dir / graphio.external_ref(tensor).location))
+    for path in out.all():
+        if os.path.realpath(path) in inputs:
+            raise UserError(f"output {path} would overwrite the input; choose another -o")
+    folder = out.model.parent
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {folder} is not writable")
+
+
+def build_pipeline(options: CompileOptions) -> PassManager:
+    passes = canonicalize_passes() + [FindTargets()]
+    if options.pattern is not None:
+        passes.append(NMMask())
+    return PassManager(passes)
+
+
+def compile_model(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    pattern: str | Pattern | None = "2:4",
+    sequential: bool = False,
+    exclude: tuple[str, ...] | list[str] = (),
+    progress: bool = False,
+) -> CompileResult:
+    """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
+    start = time.perf_counter()
+    if isinstance(pattern, str) or pattern is None:
+        pattern = parse_pattern(pattern)
+    options = CompileOptions(pattern=pattern, sequential=sequential, exclude=tuple(exclude), progress=progress)
+    model_path = Path(model)
+    loaded = graphio.load_model(model_path)
+    out_model = Path(output) if output is not None else default_output(model_path)
+    paths = OutputPaths.for_output(out_model)
+    check_output_paths(loaded, paths)
+
+    original_bytes = loaded.weight_bytes()
+    ctx = CompileContext(model=loaded, options=options)
+    build_pipeline(options)(ctx)
+    report = build_report(ctx, model_path, original_bytes)
+
+    from nmcompile.runtime.providers import provider_config
+
+    ep = provider_config(
+        pattern=(pattern.n, pattern.m) if pattern else None,
+        sequential=sequential,
+        transposable=False,
+        quantization=None,
+        model_filename=paths.model.name,
+    )
+    try:
+        with graphio.AtomicWriter() as writer:
+            saved = graphio.save_model(loaded, paths.model, writer)
+            report["totals"]["output_file_bytes"] = saved.model_bytes + saved.data_bytes
+            report["outputs"] = {
+                "model": paths.model.name,
+                "external_data": saved.data_path.name if saved.data_path else None,
+                "ep_config": paths.ep.name,
+            }
+            writer.write_bytes(paths.report, dumps(report))
+            writer.write_bytes(paths.ep, dumps(ep))
+    except OSError as exc:
+        raise UserError(f"cannot write outputs to {paths.model.parent}: {exc.strerror or exc}") from None
+    return CompileResult(paths, report, saved.data_path, time.perf_counter() - start)
+
+
+def dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(type(obj))
+
+
+def build_report(ctx: CompileContext, model_path: Path, original_bytes: int) -> dict:
+    opts: CompileOptions = ctx.options
+    layers = []
+    total_w = total_zero = 0
+    pruned_layers = skipped = 0
+    l1_kept = l1_total = 0.0
+    for target in ctx.artifacts["targets"]:
+        use = target.primary
+        view = WeightView(ctx.model, target.weight, use)
+        weight = view.effective()
+        zeros = int(np.count_nonzero(weight == 0))
+        row = {
+            "name": target.name,
+            "op": target.op,
+            "nodes": [u.node.name for u in target.uses],
+            "weight": target.weight,
+            "shape": list(use.eff_shape),
+            "reduction_axis": use.red_axis,
+            "reduction_length": use.reduction,
+            "pattern": None if target.skip or opts.pattern is None else str(opts.pattern) + ("-seq" if opts.sequential else ""),
+            "sparsity": zeros / weight.size if weight.size else 0.0,
+            "skipped": target.skip,
+        }
+        extra = ctx.layers.get(target.name, {})
+        for key in ("retained_l1", "retained_score", "zeros_before", "pruned"):
+            if key in extra:
+                row[key] = extra[key]
+        if target.notes:
+            row["notes"] = list(target.notes)
+        layers.append(row)
+        total_w += weight.size
+        total_zero += zeros
+        if target.skip:
+            skipped += 1
+        elif opts.pattern is not None:
+            pruned_layers += 1
+            a = np.abs(weight.astype(np.float64))
+            l1_kept += float(a.sum())
+        if not target.skip and "retained_l1" in extra:
+            l1_total += float(np.abs(weight.astype(np.float64)).sum()) / max(extra["retained_l1"], 1e-30)
+    return {
+        "tool": "nmcompile",
+        "input": model_path.name,
+        "options": opts.describe(),
+        "canonicalize": {"batchnorm_folded_into": ctx.artifacts.get("bn_folded", [])},
+        "layers": layers,
+        "totals": {
+            "layers": len(layers),
+            "pruned_layers": pruned_layers,
+            "skipped_layers": skipped,
+            "target_weights": int(total_w),
+            "target_zeros": int(total_zero),
+            "target_sparsity": total_zero / total_w if total_w else 0.0,
+            "retained_l1": l1_kept / l1_total if l1_total > 0 else None,
+            "input_file_bytes": int(original_bytes),
+        },
+        "notes": list(ctx.notes),
+    }

@@ -1,0 +1,36 @@
+"""The table printed on the terminal after a compile."""
+
+from __future__ import annotations
+
+from .inspect import format_table
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_summary(result) -> str:
+    report = result.report
+    rows = []
+    for layer in report["layers"]:
+        status = "dense: " + layer["skipped"] if layer["skipped"] else (layer["pattern"] or "dense")
+        rows.append([
+            layer["name"],
+            layer["op"],
+            "x".join(map(str, layer["shape"])),
+            f"{layer['sparsity']:.1%}",
+            _fmt(layer.get("retained_l1"), ".3f"),
+            status,
+        ])
+    totals = report["totals"]
+    lines = [format_table(["layer", "op", "shape", "sparsity", "kept L1", "pattern / why dense"], rows), ""]
+    lines.append(
+        f"{totals['pruned_layers']} of {totals['layers']} layers pruned ({report['options']['pattern']}), "
+        f"{totals['skipped_layers']} kept dense; target weights {totals['target_weights']:,}, "
+        f"sparsity {totals['target_sparsity']:.1%}"
+        + (f", retained L1 {totals['retained_l1']:.3f}" if totals.get("retained_l1") is not None else "")
+    )
+    paths = result.paths
+    outputs = [str(paths.model)] + ([str(result.data_path)] if result.data_path else []) + [str(paths.report), str(paths.ep)]
+    lines.append("wrote " + ", ".join(outputs) + f" in {result.seconds:.2f} s")
+    return "\n".join(lines)
