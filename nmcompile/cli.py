@@ -88,10 +88,22 @@ def run_inspect(args) -> int:
     return 0
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime's own warnings (unused initializers and the like) drown our one-line messages."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # pragma: no cover - onnxruntime is a dependency
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="nmcompile: %(message)s", stream=sys.stderr)
+    if not debug:
+        _quiet_onnxruntime()
     try:
         verb = argv[0] if argv and argv[0] in VERBS else "compile"
         rest = argv[1:] if argv and argv[0] in VERBS else argv

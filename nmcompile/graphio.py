@@ -240,8 +240,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             if ref.offset < 0 or need > file.stat().st_size:
                 raise UserError(f"tensor {tensor.name!r}: external data in {ref.location!r} is truncated")
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
+        # By path: external data is checked relative to the model's folder, not loaded.
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # ValidationError, or the checker choking on malformed input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise UserError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model, path)

@@ -107,10 +107,9 @@ def compile_model(
     paths = OutputPaths.for_output(out_model)
     check_output_paths(loaded, paths)
 
-    original_bytes = loaded.weight_bytes()
     ctx = CompileContext(model=loaded, options=options)
     build_pipeline(options)(ctx)
-    report = build_report(ctx, model_path, original_bytes)
+    report = build_report(ctx, model_path)
 
     from nmcompile.runtime.providers import provider_config
 
@@ -151,17 +150,21 @@ def _json_default(obj):
     raise TypeError(type(obj))
 
 
-def build_report(ctx: CompileContext, model_path: Path, original_bytes: int) -> dict:
+def build_report(ctx: CompileContext, model_path: Path) -> dict:
     opts: CompileOptions = ctx.options
     layers = []
     total_w = total_zero = 0
     pruned_layers = skipped = 0
-    l1_kept = l1_total = 0.0
+    kept_l1 = all_l1 = 0.0
     for target in ctx.artifacts["targets"]:
         use = target.primary
-        view = WeightView(ctx.model, target.weight, use)
-        weight = view.effective()
-        zeros = int(np.count_nonzero(weight == 0))
+        extra = ctx.layers.get(target.name, {})
+        size = int(np.prod(use.eff_shape, dtype=np.int64))
+        if "zeros_after" in extra:
+            zeros = extra["zeros_after"]
+        else:
+            stored = ctx.model.array(target.weight)
+            zeros = int(stored.size - np.count_nonzero(stored))
         row = {
             "name": target.name,
             "op": target.op,
@@ -171,26 +174,24 @@ def build_report(ctx: CompileContext, model_path: Path, original_bytes: int) -> 
             "reduction_axis": use.red_axis,
             "reduction_length": use.reduction,
             "pattern": None if target.skip or opts.pattern is None else str(opts.pattern) + ("-seq" if opts.sequential else ""),
-            "sparsity": zeros / weight.size if weight.size else 0.0,
+            "sparsity": zeros / size if size else 0.0,
             "skipped": target.skip,
         }
-        extra = ctx.layers.get(target.name, {})
-        for key in ("retained_l1", "retained_score", "zeros_before", "pruned"):
+        for key in ("retained_l1", "retained_score", "zeros_before"):
             if key in extra:
                 row[key] = extra[key]
         if target.notes:
             row["notes"] = list(target.notes)
         layers.append(row)
-        total_w += weight.size
+        total_w += size
         total_zero += zeros
         if target.skip:
             skipped += 1
         elif opts.pattern is not None:
             pruned_layers += 1
-            a = np.abs(weight.astype(np.float64))
-            l1_kept += float(a.sum())
-        if not target.skip and "retained_l1" in extra:
-            l1_total += float(np.abs(weight.astype(np.float64)).sum()) / max(extra["retained_l1"], 1e-30)
+        kept, total = extra.get("_l1", (0.0, 0.0))
+        kept_l1 += kept
+        all_l1 += total
     return {
         "tool": "nmcompile",
         "input": model_path.name,
@@ -204,8 +205,7 @@ def build_report(ctx: CompileContext, model_path: Path, original_bytes: int) -> 
             "target_weights": int(total_w),
             "target_zeros": int(total_zero),
             "target_sparsity": total_zero / total_w if total_w else 0.0,
-            "retained_l1": l1_kept / l1_total if l1_total > 0 else None,
-            "input_file_bytes": int(original_bytes),
+            "retained_l1": kept_l1 / all_l1 if all_l1 > 0 else None,
         },
         "notes": list(ctx.notes),
     }

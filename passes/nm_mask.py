@@ -14,52 +14,90 @@ from .base import CompileContext, Pass, PassResult
 from .targets import WeightView
 
 
-@numba.njit(cache=True, parallel=True)
-def _topn_groups(scores: np.ndarray, n: int, keep: np.ndarray) -> None:
-    """keep[g, i] = scores[g, i] is among the n largest of its group (lower index wins ties)."""
-    groups, m = scores.shape
-    for g in numba.prange(groups):
-        for i in range(m):
-            si = scores[g, i]
-            rank = 0
-            for j in range(m):
-                sj = scores[g, j]
-                if sj > si or (sj == si and j < i):
-                    rank += 1
-            keep[g, i] = rank < n
+@numba.njit(cache=True, inline="always")
+def _score(scores, use_abs, a, i, b):
+    v = scores[a, i, b]
+    return abs(v) if use_abs else v
 
 
 @numba.njit(cache=True, parallel=True)
-def _sequential_groups(scores: np.ndarray, n: int, keep: np.ndarray) -> None:
-    """Prune the m-n consecutive weights of least total score in each group (first window wins ties)."""
-    groups, m = scores.shape
-    width = m - n
-    for g in numba.prange(groups):
-        best_start = 0
-        best = np.inf
-        for start in range(n + 1):
-            total = 0.0
-            for k in range(start, start + width):
-                total += scores[g, k]
-            if total < best:
-                best = total
-                best_start = start
-        for i in range(m):
-            keep[g, i] = not (best_start <= i < best_start + width)
+def _nm_kernel(weight, scores, use_abs, n, m, sequential, keep, pruned):
+    """Mask and prune in place of the weight's own layout, viewed as [outer, K, inner].
+
+    Groups are m consecutive entries along K (stride `inner`); nothing is transposed.
+    Top-n: rank by pairwise comparison, the lower index winning ties. Sequential:
+    drop the window of m-n consecutive entries with the least total score.
+    Returns (kept |w| sum, total |w| sum) for the report.
+    """
+    outer, k, inner = weight.shape
+    ngroups = k // m
+    kept_l1 = 0.0
+    total_l1 = 0.0
+    for job in numba.prange(outer * ngroups):
+        a = job // ngroups
+        base = (job % ngroups) * m
+        for b in range(inner):
+            if sequential:
+                width = m - n
+                best_start = 0
+                best = np.inf
+                for start in range(n + 1):
+                    acc = 0.0
+                    for t in range(start, start + width):
+                        acc += _score(scores, use_abs, a, base + t, b)
+                    if acc < best:
+                        best = acc
+                        best_start = start
+                for i in range(m):
+                    keep[a, base + i, b] = not (best_start <= i < best_start + width)
+            else:
+                for i in range(m):
+                    si = _score(scores, use_abs, a, base + i, b)
+                    rank = 0
+                    for j in range(i):
+                        rank += _score(scores, use_abs, a, base + j, b) >= si
+                    for j in range(i + 1, m):
+                        rank += _score(scores, use_abs, a, base + j, b) > si
+                    keep[a, base + i, b] = rank < n
+            for i in range(m):
+                w = weight[a, base + i, b]
+                aw = abs(w)
+                total_l1 += aw
+                if keep[a, base + i, b]:
+                    kept_l1 += aw
+                    pruned[a, base + i, b] = w
+                else:
+                    pruned[a, base + i, b] = 0
+    return kept_l1, total_l1
+
+
+def _as_3d(array: np.ndarray, axis: int) -> np.ndarray:
+    shape = array.shape
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+    return array.reshape(outer, shape[axis], inner)
+
+
+def prune_nm(weight: np.ndarray, n: int, m: int, axis: int, sequential: bool = False, scores: np.ndarray | None = None):
+    """(pruned weight, keep mask, kept |w| sum, total |w| sum): N of every M along `axis`, by score (default |w|)."""
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    axis = axis % weight.ndim
+    if weight.shape[axis] % m:
+        raise ValueError(f"axis length {weight.shape[axis]} is not a multiple of {m}")
+    keep = np.empty(weight.shape, dtype=np.bool_)
+    pruned = np.empty_like(weight)
+    if weight.size == 0:
+        return pruned, keep, 0.0, 0.0
+    w3 = _as_3d(weight, axis)
+    s3 = w3 if scores is None else _as_3d(np.ascontiguousarray(scores, dtype=np.float32), axis)
+    kept, total = _nm_kernel(w3, s3, scores is None, n, m, sequential, _as_3d(keep, axis), _as_3d(pruned, axis))
+    return pruned, keep, kept, total
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int, axis: int = -1, sequential: bool = False) -> np.ndarray:
-    """Boolean keep-mask with at most n of every m consecutive entries along `axis`."""
-    scores = np.asarray(scores)
-    axis = axis % scores.ndim
-    if scores.shape[axis] % m:
-        raise ValueError(f"axis length {scores.shape[axis]} is not a multiple of {m}")
-    moved = np.moveaxis(scores, axis, -1)
-    flat = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, m)
-    keep = np.empty(flat.shape, dtype=np.bool_)
-    if flat.shape[0]:
-        (_sequential_groups if sequential else _topn_groups)(flat, n, keep)
-    return np.moveaxis(keep.reshape(moved.shape), -1, axis)
+    """Boolean keep-mask with at most n of every m consecutive entries along `axis` (higher score kept)."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    return prune_nm(scores, n, m, axis, sequential, scores=scores)[1]
 
 
 def group_max_nonzeros(weight: np.ndarray, m: int, axis: int) -> int | None:
@@ -94,19 +132,22 @@ class NMMask(Pass):
             use = target.primary
             view = WeightView(ctx.model, target.weight, use)
             weight = view.effective()
-            magnitude = np.abs(weight)
-            scores = scores_from.get(target.name, magnitude)
-            keep = nm_mask(scores, pattern.n, pattern.m, axis=use.red_axis, sequential=opts.sequential)
-            already_zero = int(np.count_nonzero(weight == 0))
-            pruned = ~keep & (weight != 0)
-            if pruned.any():
-                view.zero(~keep)
+            scores = scores_from.get(target.name)
+            pruned, keep, kept_l1, total_l1 = prune_nm(weight, pattern.n, pattern.m, use.red_axis, opts.sequential, scores)
+            zeros_before = int(weight.size - np.count_nonzero(weight))
+            zeros_after = int(pruned.size - np.count_nonzero(pruned))
+            if zeros_after != zeros_before:
                 changed = True
+                if view.index_map() is None and view.dq is None:
+                    ctx.model.set_array(target.weight, pruned.reshape(ctx.model.initializer(target.weight).dims))
+                else:
+                    view.zero(~keep)
             masks[target.name] = keep
             row = ctx.layer(target.name)
-            row["retained_l1"] = retained_fraction(magnitude, keep)
-            if target.name in scores_from:
+            row["retained_l1"] = kept_l1 / total_l1 if total_l1 > 0 else 1.0
+            row["_l1"] = (kept_l1, total_l1)
+            if scores is not None:
                 row["retained_score"] = retained_fraction(scores, keep)
-            row["zeros_before"] = already_zero
-            row["pruned"] = int(np.count_nonzero(pruned))
+            row["zeros_before"] = zeros_before
+            row["zeros_after"] = zeros_after
         return PassResult(changed)

@@ -1,0 +1,232 @@
+"""The command line: bad input gets one line and exit 2, nothing written; outputs are deterministic."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from nmcompile import modelzoo as zoo
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(zoo.matmul_model(), str(path))
+    return path
+
+
+def assert_bad_input(run_cli, folder, *args, expect=None):
+    before = listing(folder)
+    code, out, err = run_cli(*args)
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nmcompile: error:"), err
+    assert "Traceback" not in err
+    if expect:
+        assert expect in err
+    assert listing(folder) == before
+    return err
+
+
+def test_compile_default_output(run_cli, model_path):
+    code, out, err = run_cli(model_path)
+    assert code == 0, err
+    folder = model_path.parent
+    assert {"m.nm.onnx", "m.nm.report.json", "m.nm.ep.json"} <= set(listing(folder))
+    assert "mm1" in out and "2:4" in out
+
+
+def test_missing_file(run_cli, tmp_path):
+    assert_bad_input(run_cli, tmp_path, tmp_path / "nope.onnx", expect="no such file")
+
+
+def test_empty_file(run_cli, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert_bad_input(run_cli, tmp_path, tmp_path / "empty.onnx", expect="empty")
+
+
+def test_not_onnx(run_cli, tmp_path):
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 10)
+    assert_bad_input(run_cli, tmp_path, tmp_path / "text.onnx")
+
+
+def test_random_bytes(run_cli, tmp_path):
+    (tmp_path / "rand.onnx").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    assert_bad_input(run_cli, tmp_path, tmp_path / "rand.onnx")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.999])
+def test_truncated(run_cli, tmp_path, model_path, fraction):
+    data = model_path.read_bytes()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: int(len(data) * fraction)])
+    assert_bad_input(run_cli, tmp_path, bad)
+
+
+def test_folder_as_model(run_cli, tmp_path):
+    assert_bad_input(run_cli, tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("pattern", ["5:4", "0:4", "4:4", "x", "2:4:8", "-2:4", "2:64"])
+def test_bad_pattern(run_cli, model_path, pattern):
+    assert_bad_input(run_cli, model_path.parent, model_path, "--pattern", pattern, expect="pattern")
+
+
+def test_output_equal_to_input(run_cli, model_path):
+    before = model_path.read_bytes()
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", model_path, expect="overwrite")
+    assert model_path.read_bytes() == before
+
+
+def test_output_equal_to_input_through_other_spelling(run_cli, model_path):
+    other = model_path.parent / "." / model_path.name
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", other, expect="overwrite")
+
+
+def test_output_folder_missing(run_cli, model_path):
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", model_path.parent / "no" / "out.onnx", expect="does not exist")
+
+
+def test_output_folder_not_writable(run_cli, model_path, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/nmcompile-out.onnx"  # root can write anywhere but here
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        target = ro / "out.onnx"
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", target)
+
+
+def test_unknown_option(run_cli, model_path):
+    assert_bad_input(run_cli, model_path.parent, model_path, "--frobnicate")
+
+
+def test_no_arguments(run_cli, tmp_path):
+    assert_bad_input(run_cli, tmp_path)
+
+
+def _external_model(tmp_path):
+    path = tmp_path / "ext.onnx"
+    zoo.save_with_external_data(zoo.matmul_model(k=128, n=64), path)
+    return path
+
+
+def _rewrite_locations(path, location):
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, str(path))
+
+
+def test_external_absolute_location(run_cli, tmp_path):
+    path = _external_model(tmp_path)
+    _rewrite_locations(path, str(tmp_path / "ext.onnx.data"))
+    assert_bad_input(run_cli, tmp_path, path, expect="absolute")
+
+
+def test_external_dotdot_location(run_cli, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = _external_model(sub)
+    os.replace(sub / "ext.onnx.data", tmp_path / "ext.onnx.data")
+    _rewrite_locations(path, "../ext.onnx.data")
+    assert_bad_input(run_cli, tmp_path, path, expect="leaves")
+
+
+def test_external_symlink_location(run_cli, tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = _external_model(sub)
+    os.replace(sub / "ext.onnx.data", tmp_path / "real.data")
+    os.symlink(tmp_path / "real.data", sub / "ext.onnx.data")
+    assert_bad_input(run_cli, tmp_path, path, expect="symbolic link")
+
+
+def test_external_symlinked_folder(run_cli, tmp_path):
+    sub = tmp_path / "sub"
+    (tmp_path / "elsewhere").mkdir()
+    sub.mkdir()
+    path = _external_model(sub)
+    os.replace(sub / "ext.onnx.data", tmp_path / "elsewhere" / "w.data")
+    os.symlink(tmp_path / "elsewhere", sub / "d")
+    _rewrite_locations(path, "d/w.data")
+    assert_bad_input(run_cli, tmp_path, path, expect="symbolic link")
+
+
+def test_external_data_missing(run_cli, tmp_path):
+    path = _external_model(tmp_path)
+    (tmp_path / "ext.onnx.data").unlink()
+    assert_bad_input(run_cli, tmp_path, path, expect="not found")
+
+
+def test_external_data_truncated(run_cli, tmp_path):
+    path = _external_model(tmp_path)
+    data = (tmp_path / "ext.onnx.data").read_bytes()
+    (tmp_path / "ext.onnx.data").write_bytes(data[: len(data) // 2])
+    assert_bad_input(run_cli, tmp_path, path)
+
+
+def test_deterministic_bytes(run_cli, tmp_path):
+    model = zoo.conv_model(bn=True)
+    outs = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        onnx.save(model, str(folder / "m.onnx"))
+        code, _, err = run_cli(folder / "m.onnx", "--pattern", "4:8")
+        assert code == 0, err
+        outs.append({p.name: p.read_bytes() for p in folder.iterdir()})
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        assert outs[0][key] == outs[1][key], key
+
+
+def test_internal_error_is_short_unless_debug(run_cli, model_path, monkeypatch):
+    import nmcompile.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(pipeline, "compile_model", boom)
+    code, _, err = run_cli(model_path)
+    assert code == 1 and "kaboom" in err and "Traceback" not in err
+    code, _, err = run_cli(model_path, "--debug")
+    assert code == 1 and "Traceback" in err
+
+
+def test_console_script_exit_codes(tmp_path, model_path):
+    """The installed `nmcompile` command itself (a subprocess), as a user runs it."""
+    ok = subprocess.run([sys.executable, "-m", "nmcompile", str(model_path), "-o", str(tmp_path / "o.onnx"), "-q"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "nmcompile", str(model_path), "--pattern", "0:4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_inspect_table_and_diversity(run_cli, model_path):
+    code, out, err = run_cli("inspect", model_path)
+    assert code == 0, err
+    assert "mm1" in out and "2.82e+12" in out and "6.56e+07" in out
+    run_cli(model_path, "--pattern", "2:4")
+    code, out, _ = run_cli("inspect", model_path.parent / "m.nm.onnx", "--json")
+    import json
+
+    result = json.loads(out)
+    layer = {l["name"]: l for l in result["layers"]}["mm1"]
+    assert layer["smallest_n"]["4"] == 2 and layer["smallest_n"]["8"] <= 4
+    assert abs(layer["sparsity"] - 0.5) < 1e-9
+    diversity = {d["pattern"]: d["masks_per_64_weights"] for d in result["mask_diversity"]}
+    assert diversity == {"unstructured 50%": 1832624140942590534, "4:8": 70**8, "2:4": 6**16, "4:8-T": 116963796250, "2:4-T": 90**4}
+
+
+def test_inspect_bad_input(run_cli, tmp_path):
+    assert_bad_input(run_cli, tmp_path, "inspect", tmp_path / "missing.onnx")
