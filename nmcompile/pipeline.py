@@ -150,6 +150,22 @@ def _json_default(obj):
     raise TypeError(type(obj))
 
 
+def trt_row(target, pattern: Pattern | None, precision: str) -> dict:
+    """Whether TensorRT's sparse kernels can take this layer, by the rule runtime.providers states."""
+    from nmcompile.runtime.providers import trt_sparse_eligibility
+
+    use = target.primary
+    shape = use.eff_shape
+    if use.op == "Conv":
+        out_c, in_c, kernel = shape[0], shape[1] * use.groups, tuple(shape[2:])
+    else:
+        out_c, in_c, kernel = shape[use.out_axis], shape[use.red_axis], None
+    ok, reason = trt_sparse_eligibility(
+        use.op, out_c, in_c, kernel, (pattern.n, pattern.m) if pattern else None, precision, group=use.groups
+    )
+    return {"eligible": ok, "reason": reason}
+
+
 def build_report(ctx: CompileContext, model_path: Path) -> dict:
     opts: CompileOptions = ctx.options
     layers = []
@@ -177,6 +193,7 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "sparsity": zeros / size if size else 0.0,
             "skipped": target.skip,
         }
+        row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "fp16")
         for key in ("retained_l1", "retained_score", "zeros_before"):
             if key in extra:
                 row[key] = extra[key]

@@ -20,15 +20,21 @@ def format_summary(result) -> str:
             "x".join(map(str, layer["shape"])),
             f"{layer['sparsity']:.1%}",
             _fmt(layer.get("retained_l1"), ".3f"),
+            "yes" if layer.get("trt_sparse", {}).get("eligible") else "no",
             status,
         ])
     totals = report["totals"]
-    lines = [format_table(["layer", "op", "shape", "sparsity", "kept L1", "pattern / why dense"], rows), ""]
+    lines = [format_table(["layer", "op", "shape", "sparsity", "kept L1", "TRT sparse", "pattern / why dense"], rows), ""]
     lines.append(
         f"{totals['pruned_layers']} of {totals['layers']} layers pruned ({report['options']['pattern']}), "
         f"{totals['skipped_layers']} kept dense; target weights {totals['target_weights']:,}, "
         f"sparsity {totals['target_sparsity']:.1%}"
         + (f", retained L1 {totals['retained_l1']:.3f}" if totals.get("retained_l1") is not None else "")
+    )
+    eligible = sum(1 for layer in report["layers"] if layer.get("trt_sparse", {}).get("eligible"))
+    lines.append(
+        f"{eligible} layer(s) eligible for TensorRT sparse kernels (2:4 along input channels, fp16/int8, "
+        f">= 256 channels; see trt_sparse.reason in the report). ONNX Runtime CPU/CUDA run N:M weights at dense speed."
     )
     paths = result.paths
     outputs = [str(paths.model)] + ([str(result.data_path)] if result.data_path else []) + [str(paths.report), str(paths.ep)]

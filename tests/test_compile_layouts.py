@@ -197,3 +197,19 @@ def test_shipped_models_compile(tmp_path):
     for name in ("digits_cnn.onnx", "digits_encoder.onnx"):
         model = onnx.load(str(MODELS / name))
         compile_and_check(tmp_path, model)
+
+
+def test_large_output_switches_to_external_data(tmp_path, monkeypatch):
+    """Past the protobuf limit the output goes to external data; the limit is lowered here to test the path."""
+    from nmcompile import graphio
+
+    monkeypatch.setattr(graphio, "INLINE_LIMIT_BYTES", 10_000)
+    model = zoo.matmul_model(k=128, n=64)
+    src = tmp_path / "inline.onnx"
+    onnx.save(model, str(src))
+    result = compile_model(src)
+    assert result.data_path is not None and result.data_path.stat().st_size > 10_000
+    onnx.checker.check_model(str(result.paths.model))
+    feeds = zoo.random_inputs(model)
+    assert run(result.paths.model, feeds)[0].shape == run(src, feeds)[0].shape
+    assert group_max_nonzeros(effective_weights(result.paths.model)["mm1"][0], 4, 0) == 2

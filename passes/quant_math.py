@@ -1,0 +1,1139 @@
+"""Numerical core of post-training quantization: pure functions, no ONNX.
+
+Everything here works on numpy arrays and is deterministic (same input, same
+output bits).  The ONNX rewriting lives elsewhere and calls into this module.
+
+Contents
+--------
+Activation calibration
+    StreamingHistogram          |x| histogram streamed over batches, bounded memory
+    kl_divergence_curve         TensorRT entropy search, KL for every candidate
+    kl_threshold                TensorRT entropy calibration threshold
+    minmax_threshold            max |x|
+    percentile_threshold        percentile of |x| from the histogram
+    mse_threshold               threshold minimizing the histogram-estimated MSE
+    fake_quantize               quantize-dequantize with a threshold (symmetric or (lo, hi))
+    quantization_error          MSE of fake-quantizing samples with a threshold
+    histogram_quantization_error  the same, estimated from a histogram
+    choose_threshold_auto       pick among kl / minmax / percentile by error
+
+Weights
+    quantize_weight_per_channel / dequantize_per_channel   symmetric int8 (or fewer bits)
+    log_quantize / log_dequantize / log_decode_table       sign + power-of-two codes
+    kmeans_1d_optimal / kmeans_cost                        exact 1-D k-means (DP)
+    lut_quantize / lut_dequantize                          k-means look-up-table codebooks
+    pack_4bit / unpack_4bit                                ONNX INT4/UINT4 nibble packing
+    sqnr_db
+
+Conventions (read these before using the results)
+-------------------------------------------------
+* Symmetric integer grids use [-(2^(b-1)-1), 2^(b-1)-1] (int8: [-127, 127]),
+  the TensorRT convention; a threshold T maps to scale T / 127.  Rounding is
+  round-half-to-even (numpy ``rint``), like ONNX QuantizeLinear.
+* Exact zeros stay exactly zero in every weight quantizer here (per-channel int8,
+  log, LUT), so N:M sparsity patterns survive quantization bit-exactly.
+* The KL threshold follows the "8-bit Inference with TensorRT" (GTC 2017)
+  description; the threshold is ``(i + 0.5) * bin_width`` for the chosen number
+  of kept bins ``i`` (the paper's rule).  ``convention="edge"`` gives
+  ``i * bin_width`` (what pytorch-quantization and ONNX Runtime return).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+try:  # numba is a declared dependency; keep a (slow) fallback for odd installs.
+    from numba import njit as _njit
+
+    _HAVE_NUMBA = True
+except Exception:  # pragma: no cover - exercised only without numba
+    _HAVE_NUMBA = False
+
+    def _njit(*args, **kwargs):  # type: ignore[no-redef]
+        if args and callable(args[0]):
+            return args[0]
+        return lambda f: f
+
+
+__all__ = [
+    "StreamingHistogram",
+    "kl_divergence_curve",
+    "kl_threshold",
+    "minmax_threshold",
+    "percentile_threshold",
+    "mse_threshold",
+    "fake_quantize",
+    "quantization_error",
+    "histogram_quantization_error",
+    "ThresholdChoice",
+    "choose_threshold_auto",
+    "quantize_weight_per_channel",
+    "dequantize_per_channel",
+    "log_decode_table",
+    "log_quantize",
+    "log_dequantize",
+    "kmeans_1d_optimal",
+    "kmeans_cost",
+    "lut_quantize",
+    "lut_dequantize",
+    "pack_4bit",
+    "unpack_4bit",
+    "sqnr_db",
+]
+
+
+# ---------------------------------------------------------------------------
+# Streaming histogram
+# ---------------------------------------------------------------------------
+
+_RANGE_HEADROOM = 2.0**-20  # the first range is max_abs * (1 + 2^-20): max_abs sits strictly inside
+
+
+class StreamingHistogram:
+    """Histogram of |x| over calibration batches, in ``num_bins`` counters.
+
+    Binning rule (exact, documented so that it can be reproduced): with the
+    current range ``R`` and ``n = num_bins``, a finite value ``v`` goes to bin
+    ``floor(|v| * (n / R))`` computed in float64.  Bins are half-open
+    ``[k*R/n, (k+1)*R/n)``; ``R`` is always strictly above every value seen, so
+    no value is clamped into the last bin.
+
+    Growth rule: the first batch with a nonzero value sets
+    ``R = max_abs * (1 + 2^-20)``.  When a later batch holds a value that would
+    land at bin ``>= n``, ``R`` is multiplied by the smallest power of two
+    ``2^m`` that makes room, and old bin ``k`` is merged into bin ``k >> m``.
+    Because multiplying ``R`` by ``2^m`` divides ``n / R`` by ``2^m`` exactly in
+    binary floating point, ``floor(v * n/(R 2^m)) == floor(v * n/R) >> m`` for
+    every value: the streamed histogram is *identical* to the histogram of all
+    the data at once built with the same final range
+    (``StreamingHistogram(n, range_max=h.range_max).update(all_data)``), and it
+    agrees with ``np.histogram(|x|, n, range=(0, R))`` except for values within
+    a rounding error of a bin edge.
+
+    Cost of exactness: after growth the data occupy between ``n/2`` and ``n``
+    bins (``max_abs / range_max`` in (1/2, 1]); threshold searches trim the
+    trailing empty bins, so they see a histogram ending at ``max_abs`` with at
+    least ``n/2`` bins of resolution.
+
+    Two-pass calibration reproduces TensorRT's setting exactly (``n`` bins
+    spanning [0, max|x|]): find max|x| first (a cheap min/max pass), then
+    stream into ``StreamingHistogram.from_max_abs(max_abs, n)``, which never
+    grows.  The streamed range depends on the first batch, so a given sequence
+    of batches always gives the same histogram, but re-batching the same data
+    can change the final range (never the exactness above).
+
+    Non-finite values (NaN, +-inf) are not binned; they are counted in
+    ``nonfinite_count`` so that callers can refuse or report them.  Signed
+    ``min`` / ``max`` of the finite values are tracked for MinMax calibration.
+    """
+
+    def __init__(self, num_bins: int = 2048, range_max: float | None = None, *, chunk_size: int = 1 << 20):
+        num_bins = int(num_bins)
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+        self.num_bins = num_bins
+        self._counts = np.zeros(num_bins, dtype=np.int64)
+        self._range: float | None = None
+        if range_max is not None:
+            r = float(range_max)
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"range_max must be finite and > 0, got {range_max!r}")
+            self._range = r
+        self._chunk = max(1, int(chunk_size))
+        self._max_abs = 0.0
+        self._min = math.inf
+        self._max = -math.inf
+        self._total = 0
+        self._nonfinite = 0
+        self.num_growths = 0
+
+    @classmethod
+    def from_max_abs(cls, max_abs: float, num_bins: int = 2048, **kwargs) -> "StreamingHistogram":
+        """Histogram whose range is set as if the first batch had max |x| = ``max_abs``.
+
+        Values up to ``max_abs`` never make it grow, so the data span all ``num_bins``.
+        """
+        m = float(max_abs)
+        if not (math.isfinite(m) and m > 0):
+            raise ValueError(f"max_abs must be finite and > 0, got {max_abs!r}")
+        return cls(num_bins, range_max=cls._initial_range(m, int(num_bins)), **kwargs)
+
+    @staticmethod
+    def _initial_range(amax: float, n: int) -> float:
+        r = amax * (1.0 + _RANGE_HEADROOM)
+        while amax * (n / r) >= n:  # pragma: no cover - guard against rounding
+            r = float(np.nextafter(r, math.inf))
+        return r
+
+    # -- properties ---------------------------------------------------------
+    @property
+    def counts(self) -> np.ndarray:
+        """Copy of the ``num_bins`` int64 counters."""
+        return self._counts.copy()
+
+    @property
+    def range_max(self) -> float:
+        """Upper edge R of the last bin (0.0 while only zeros have been seen)."""
+        return 0.0 if self._range is None else self._range
+
+    @property
+    def bin_width(self) -> float:
+        return self.range_max / self.num_bins
+
+    @property
+    def edges(self) -> np.ndarray:
+        """``num_bins + 1`` bin edges ``k * R / n`` (float64)."""
+        return np.arange(self.num_bins + 1, dtype=np.float64) * (self.range_max / self.num_bins)
+
+    @property
+    def max_abs(self) -> float:
+        """Exact max |x| of the finite values seen."""
+        return self._max_abs
+
+    @property
+    def min(self) -> float:
+        """Signed minimum of the finite values seen (+inf if none)."""
+        return self._min
+
+    @property
+    def max(self) -> float:
+        """Signed maximum of the finite values seen (-inf if none)."""
+        return self._max
+
+    @property
+    def total(self) -> int:
+        """Number of finite values binned."""
+        return self._total
+
+    @property
+    def nonfinite_count(self) -> int:
+        return self._nonfinite
+
+    # -- updating -----------------------------------------------------------
+    def _grow(self, top: float) -> None:
+        """Make room for a value whose bin index (as a float) is ``top >= n``."""
+        n = self.num_bins
+        m = max(1, math.ceil(math.log2(top / n))) if top / n > 1 else 1
+        while top >= math.ldexp(n, m):
+            m += 1
+        while m > 1 and top < math.ldexp(n, m - 1):
+            m -= 1
+        assert self._range is not None
+        self._range = math.ldexp(self._range, m)
+        if m >= 63 or (n - 1) >> m == 0:
+            merged = np.zeros(n, dtype=np.int64)
+            merged[0] = self._counts.sum()
+        else:
+            merged = np.zeros(n, dtype=np.int64)
+            np.add.at(merged, np.arange(n) >> m, self._counts)
+        self._counts = merged
+        self.num_growths += 1
+
+    def update(self, x) -> "StreamingHistogram":
+        """Add the values of ``x`` (any shape, any real dtype). Returns self."""
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"cannot histogram values of dtype {a.dtype}")
+        a = a.reshape(-1)
+        for start in range(0, a.size, self._chunk):
+            self._update_chunk(a[start : start + self._chunk])
+        return self
+
+    def _update_chunk(self, v: np.ndarray) -> None:
+        if v.dtype not in (np.float32, np.float64) or not v.flags.c_contiguous:
+            v = np.ascontiguousarray(v, dtype=np.float64)
+        if _HAVE_NUMBA:
+            mn, mx, nfin, nbad = _scan_kernel(v)
+        else:  # pragma: no cover
+            fin = np.isfinite(v)
+            nfin = int(np.count_nonzero(fin))
+            nbad = v.size - nfin
+            vf = v[fin].astype(np.float64)
+            mn, mx = (float(vf.min()), float(vf.max())) if nfin else (math.inf, -math.inf)
+        self._nonfinite += int(nbad)
+        if nfin == 0:
+            return
+        mn = float(mn)
+        mx = float(mx)
+        self._min = min(self._min, mn)
+        self._max = max(self._max, mx)
+        amax = max(-mn, mx)
+        self._max_abs = max(self._max_abs, amax)
+        self._total += int(nfin)
+        n = self.num_bins
+        if amax == 0.0:  # only zeros: bin 0 whatever the range is (merging keeps bin 0 at 0)
+            self._counts[0] += nfin
+            return
+        if self._range is None:
+            self._range = self._initial_range(amax, n)
+        scale = n / self._range
+        top = amax * scale
+        if top >= n:
+            self._grow(top)
+            scale = n / self._range
+        if _HAVE_NUMBA:
+            _bin_kernel(v, scale, self._counts)
+        else:  # pragma: no cover
+            vf = v[np.isfinite(v)].astype(np.float64)
+            idx = (np.abs(vf) * scale).astype(np.int64)  # floor, values are >= 0
+            self._counts += np.bincount(idx, minlength=n)
+
+    # -- thresholds (convenience wrappers) ----------------------------------
+    def trimmed_counts(self) -> np.ndarray:
+        """Counts up to and including the last nonzero bin (the histogram "ends at max_abs")."""
+        nz = np.flatnonzero(self._counts)
+        return self._counts[: (nz[-1] + 1 if nz.size else 0)].copy()
+
+    def kl_threshold(self, num_quant_levels: int = 128, start_bin: int = 128, **kwargs) -> float:
+        """TensorRT entropy threshold on the trimmed histogram, clamped to ``max_abs``."""
+        c = self.trimmed_counts()
+        if c.size == 0 or self.max_abs == 0.0:
+            return 0.0
+        t = kl_threshold(c, self.bin_width, num_quant_levels, start_bin, **kwargs)
+        return min(t, self.max_abs)
+
+    def percentile_threshold(self, pct: float = 99.99) -> float:
+        return percentile_threshold(self, pct)
+
+
+@_njit(cache=True, nogil=True)
+def _scan_kernel(v):  # pragma: no cover - compiled
+    """(min, max, finite count, non-finite count) of a float array, in float64."""
+    mn = np.inf
+    mx = -np.inf
+    nbad = 0
+    for t in range(v.shape[0]):
+        x = np.float64(v[t])
+        if not np.isfinite(x):
+            nbad += 1
+            continue
+        if x < mn:
+            mn = x
+        if x > mx:
+            mx = x
+    return mn, mx, v.shape[0] - nbad, nbad
+
+
+@_njit(cache=True, nogil=True)
+def _bin_kernel(v, scale, counts):  # pragma: no cover - compiled
+    """counts[floor(|v| * scale)] += 1 for finite v (float64 arithmetic, same as numpy's)."""
+    for t in range(v.shape[0]):
+        x = np.float64(v[t])
+        if np.isfinite(x):
+            counts[np.int64(abs(x) * scale)] += 1
+
+
+def _as_hist(hist) -> tuple[np.ndarray, float, float]:
+    """(counts float64, bin_width, max_abs) from a StreamingHistogram or ``(counts, bin_width)``.
+
+    For a plain tuple, ``max_abs`` is taken as the upper edge of the last nonzero bin.
+    """
+    if isinstance(hist, StreamingHistogram):
+        return hist.trimmed_counts().astype(np.float64), hist.bin_width, hist.max_abs
+    counts, bin_width = hist
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if (counts < 0).any():
+        raise ValueError("histogram counts must be >= 0")
+    nz = np.flatnonzero(counts)
+    counts = counts[: (nz[-1] + 1 if nz.size else 0)]
+    return counts, float(bin_width), counts.size * float(bin_width)
+
+
+# ---------------------------------------------------------------------------
+# KL (entropy) calibration, TensorRT's algorithm
+# ---------------------------------------------------------------------------
+
+_SMOOTH_EPS = 1e-4
+
+
+def _smooth(x: np.ndarray, zero: np.ndarray, n_zero: int) -> np.ndarray | None:
+    """MXNet / ONNX Runtime ``smooth_distribution`` on raw counts (eps = 1e-4).
+
+    Zeros become eps; the same total is taken off the nonzeros, so the sum is
+    kept.  Returns None when the distribution cannot be smoothed (all zero, or a
+    nonzero entry would become <= 0), which makes that candidate's KL infinite.
+    """
+    n_nonzero = x.size - n_zero
+    if n_nonzero == 0:
+        return None
+    eps1 = _SMOOTH_EPS * n_zero / n_nonzero
+    out = np.where(zero, _SMOOTH_EPS, x - eps1)
+    if n_zero and eps1 > 0 and np.min(out) <= 0:
+        return None
+    return out
+
+
+def kl_divergence_curve(
+    counts,
+    num_quant_levels: int = 128,
+    start_bin: int = 128,
+    *,
+    suppress_zero_bin: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) for every candidate number of kept bins ``i``.
+
+    Returns ``(candidates, divergences)`` with ``candidates = start_bin..nbins``
+    (or just ``[nbins]`` when the histogram has no more than ``start_bin`` bins).
+
+    For each ``i`` (TensorRT, "8-bit Inference with TensorRT", GTC 2017):
+
+    * reference ``P = counts[:i]`` with the outliers ``sum(counts[i:])`` added to
+      ``P[i-1]``;
+    * candidate ``Q``: bin ``j < i`` goes to level ``floor(j * L / i)``
+      (``L = num_quant_levels``: uniform merging, the remainder spread over the
+      levels as pytorch-quantization's ``linspace/digitize`` does, computed with
+      exact integers); each level's total is spread uniformly over the level's
+      *nonzero* bins, zero bins of ``counts[:i]`` stay zero in ``Q`` (so ``Q``
+      does not see the outliers);
+    * both are smoothed like MXNet / ONNX Runtime ``smooth_distribution``
+      (zeros -> 1e-4 on raw counts, taken off the nonzeros), normalized, and
+      ``KL = sum P log(P / Q)`` in nats, float64.
+
+    ``suppress_zero_bin`` replaces ``counts[0]`` with ``counts[1]`` first
+    (pytorch-quantization's trick against the spike of exact zeros after ReLU).
+
+    The loop is over candidates with O(i) numpy work each (prefix sums give the
+    level totals), about 0.1 s for 2048 bins.
+    """
+    c = np.asarray(counts, dtype=np.float64).reshape(-1).copy()
+    if (c < 0).any() or not np.isfinite(c).all():
+        raise ValueError("histogram counts must be finite and >= 0")
+    L = int(num_quant_levels)
+    if L < 1:
+        raise ValueError("num_quant_levels must be >= 1")
+    nb = c.size
+    if nb == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    if suppress_zero_bin and nb > 1:
+        c[0] = c[1]
+    first = min(max(int(start_bin), 1), nb)
+    cands = np.arange(first, nb + 1, dtype=np.int64)
+    nzmask = c > 0
+    C = np.concatenate(([0.0], np.cumsum(c)))
+    N = np.concatenate(([0], np.cumsum(nzmask, dtype=np.int64)))
+    total = C[-1]
+    kvec = np.arange(L + 1, dtype=np.int64)
+    out = np.full(cands.size, np.inf)
+    if total <= 0:
+        return cands, out
+    for t, i in enumerate(cands):
+        i = int(i)
+        starts = (kvec * i + (L - 1)) // L  # ceil(k*i/L): level k holds bins [starts[k], starts[k+1])
+        lvl_sum = C[starts[1:]] - C[starts[:-1]]
+        lvl_nnz = N[starts[1:]] - N[starts[:-1]]
+        avg = lvl_sum / np.maximum(lvl_nnz, 1)
+        nz = nzmask[:i]
+        q = np.where(nz, np.repeat(avg, np.diff(starts)), 0.0)
+        p = c[:i].copy()
+        p[-1] += total - C[i]
+        n_zero_q = i - int(N[i])
+        pz = ~nz
+        n_zero_p = n_zero_q
+        if p[-1] > 0 and not nz[-1]:
+            pz = pz.copy()
+            pz[-1] = False
+            n_zero_p -= 1
+        ps = _smooth(p, pz, n_zero_p)
+        qs = _smooth(q, ~nz, n_zero_q)
+        if ps is None or qs is None:
+            continue
+        sp = ps.sum()
+        sq = qs.sum()
+        out[t] = float(np.dot(ps, np.log(ps / qs)) / sp + math.log(sq / sp))
+    return cands, out
+
+
+def kl_threshold(
+    counts,
+    bin_width: float,
+    num_quant_levels: int = 128,
+    start_bin: int = 128,
+    *,
+    convention: str = "trt",
+    suppress_zero_bin: bool = False,
+) -> float:
+    """TensorRT entropy-calibration threshold for a histogram of |x|.
+
+    ``counts[k]`` counts values in ``[k*bin_width, (k+1)*bin_width)``; the
+    histogram is expected to end at max |x| (trim trailing empty bins, as
+    ``StreamingHistogram.kl_threshold`` does).  The candidate ``i`` with the
+    smallest KL (see ``kl_divergence_curve``) wins; ties go to the smallest
+    ``i`` (first minimum, like the paper's pseudo-code and ONNX Runtime).
+
+    ``convention="trt"`` returns ``(i + 0.5) * bin_width`` (the paper's
+    ``threshold = (m + 0.5) * width of a bin``); ``convention="edge"`` returns
+    ``i * bin_width`` (the upper edge of the last kept bin, pytorch-quantization
+    and ONNX Runtime).  The result is not clamped: with ``"trt"`` and no
+    clipping it is half a bin above the histogram; callers that know max |x|
+    clamp to it.  An empty histogram gives 0.0.
+    """
+    if convention not in ("trt", "edge"):
+        raise ValueError(f"convention must be 'trt' or 'edge', got {convention!r}")
+    cands, kl = kl_divergence_curve(counts, num_quant_levels, start_bin, suppress_zero_bin=suppress_zero_bin)
+    if cands.size == 0 or not np.isfinite(kl).any():
+        c = np.asarray(counts).reshape(-1)
+        return float(c.size * bin_width) if c.size and np.any(c > 0) else 0.0
+    i = int(cands[int(np.argmin(kl))])
+    return float((i + 0.5) * bin_width if convention == "trt" else i * bin_width)
+
+
+# ---------------------------------------------------------------------------
+# Other thresholds and error measures
+# ---------------------------------------------------------------------------
+
+
+def minmax_threshold(x) -> float:
+    """max |x|: of a StreamingHistogram, or of an array of samples."""
+    if isinstance(x, StreamingHistogram):
+        return x.max_abs
+    a = np.asarray(x)
+    if a.size == 0:
+        return 0.0
+    a = a[np.isfinite(a)] if a.dtype.kind == "f" else a
+    return float(np.max(np.abs(a.astype(np.float64)))) if a.size else 0.0
+
+
+def percentile_threshold(hist, pct: float = 99.99) -> float:
+    """Threshold below which at least ``pct`` % of |x| lies, from a histogram.
+
+    ``hist`` is a StreamingHistogram or ``(counts, bin_width)``.  The result is
+    the upper edge of the first bin where the cumulative count reaches
+    ``pct/100 * total`` (so at most ``100 - pct`` % of the values are clipped),
+    clamped to max |x|.
+    """
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"pct must be in [0, 100], got {pct}")
+    counts, w, max_abs = _as_hist(hist)
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    cdf = np.cumsum(counts)
+    k = int(np.searchsorted(cdf, pct / 100.0 * total, side="left"))
+    k = min(k, counts.size - 1)
+    return float(min((k + 1) * w, max_abs))
+
+
+def _qmax(bits: int) -> int:
+    bits = int(bits)
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def fake_quantize(x, threshold, bits: int = 8, symmetric: bool = True) -> np.ndarray:
+    """Quantize then dequantize ``x`` (float64 result).
+
+    Symmetric: scale = T / (2^(b-1)-1), levels [-qmax, qmax].  Asymmetric:
+    ``threshold`` is ``(lo, hi)`` (a scalar T means ``(-T, T)``), the range is
+    widened to contain 0, levels [0, 2^b - 1] with an integer zero point, like
+    ONNX Runtime's uint8 activations.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if symmetric:
+        t = float(np.max(np.abs(threshold)))
+        if t <= 0:
+            return np.zeros_like(x)
+        qm = _qmax(bits)
+        s = t / qm
+        return np.clip(np.rint(x / s), -qm, qm) * s
+    if np.ndim(threshold) == 0:
+        lo, hi = -float(threshold), float(threshold)
+    else:
+        lo, hi = (float(v) for v in threshold)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0:
+        return np.zeros_like(x)
+    levels = (1 << int(bits)) - 1
+    s = (hi - lo) / levels
+    zp = float(np.clip(np.rint(-lo / s), 0, levels))
+    return (np.clip(np.rint(x / s) + zp, 0, levels) - zp) * s
+
+
+def quantization_error(x, threshold, bits: int = 8, symmetric: bool = True) -> float:
+    """Mean squared error of fake-quantizing the samples ``x`` with ``threshold``."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return 0.0
+    d = fake_quantize(x, threshold, bits, symmetric) - x
+    return float(np.mean(d * d))
+
+
+@_njit(cache=True, nogil=True)
+def _saw_integral(u):  # pragma: no cover - compiled
+    """F(u) = integral_0^u (t - round(t))^2 dt for u >= 0 (1/12 per unit period)."""
+    fl = math.floor(u)
+    f = u - fl
+    if f <= 0.5:
+        return fl / 12.0 + f * f * f / 3.0
+    g = f - 1.0
+    return fl / 12.0 + 1.0 / 12.0 + g * g * g / 3.0
+
+
+@_njit(cache=True, nogil=True)
+def _hist_mse_kernel(cnt, a, w, thresholds, qm):  # pragma: no cover - compiled
+    out = np.empty(thresholds.shape[0])
+    total = 0.0
+    for j in range(cnt.shape[0]):
+        total += cnt[j]
+    for t_i in range(thresholds.shape[0]):
+        t = thresholds[t_i]
+        acc = 0.0
+        if t > 0.0:
+            s = t / qm
+            s3 = s * s * s
+        else:
+            s = 1.0
+            s3 = 0.0
+        for j in range(cnt.shape[0]):
+            lo = a[j]
+            hi = lo + w
+            e = 0.0
+            if t > 0.0 and lo < t:  # rounding error on [lo, min(hi, t)]
+                top = hi if hi < t else t
+                e += s3 * (_saw_integral(top / s) - _saw_integral(lo / s))
+            if hi > t:  # clipping error on [max(lo, t), hi]
+                b0 = (lo if lo > t else t) - t
+                b1 = hi - t
+                e += (b1 * b1 * b1 - b0 * b0 * b0) / 3.0
+            acc += cnt[j] * e / w
+        out[t_i] = acc / total
+    return out
+
+
+def _hist_mse(counts: np.ndarray, w: float, thresholds: np.ndarray, bits: int) -> np.ndarray:
+    """Expected symmetric fake-quant MSE for each threshold, values uniform within each bin."""
+    qm = float(_qmax(bits))
+    keep = counts > 0
+    cnt = np.ascontiguousarray(counts[keep], dtype=np.float64)
+    a = np.flatnonzero(keep).astype(np.float64) * w
+    return _hist_mse_kernel(cnt, a, float(w), np.ascontiguousarray(thresholds, dtype=np.float64), qm)
+
+
+def histogram_quantization_error(hist, threshold: float, bits: int = 8) -> float:
+    """Symmetric fake-quant MSE estimated from a |x| histogram.
+
+    Values are assumed uniformly spread inside each bin; the squared rounding
+    error and the clipping error are integrated exactly under that assumption.
+    ``hist`` is a StreamingHistogram or ``(counts, bin_width)``.
+    """
+    counts, w, _ = _as_hist(hist)
+    if counts.sum() <= 0 or w <= 0:
+        return 0.0
+    return float(_hist_mse(counts, w, np.array([float(threshold)]), bits)[0])
+
+
+def mse_threshold(hist, bits: int = 8) -> float:
+    """Threshold (a bin edge, or max |x|) minimizing ``histogram_quantization_error``."""
+    counts, w, max_abs = _as_hist(hist)
+    if counts.sum() <= 0 or w <= 0:
+        return 0.0
+    cands = np.unique(np.minimum(np.arange(1, counts.size + 1) * w, max_abs))
+    err = _hist_mse(counts, w, cands, bits)
+    return float(cands[int(np.argmin(err))])
+
+
+@dataclass
+class ThresholdChoice:
+    """Result of ``choose_threshold_auto``."""
+
+    method: str  # winning candidate, e.g. "kl", "minmax", "percentile99.99"
+    threshold: float
+    thresholds: dict[str, float] = field(default_factory=dict)  # every candidate
+    errors: dict[str, float] = field(default_factory=dict)  # MSE of every candidate
+    error_source: str = "histogram"  # "samples" or "histogram"
+
+
+def choose_threshold_auto(
+    hist,
+    samples=None,
+    *,
+    bits: int = 8,
+    methods: Sequence[str] = ("kl", "minmax", "percentile"),
+    percentiles: Iterable[float] = (99.9, 99.99, 99.999),
+    num_quant_levels: int = 128,
+    start_bin: int = 128,
+) -> ThresholdChoice:
+    """Pick the calibration threshold with the lowest quantization MSE.
+
+    ``hist`` is a StreamingHistogram (or ``(counts, bin_width)``) of |x| over
+    the calibration data; candidates are computed from it: ``"kl"`` (TensorRT
+    entropy, clamped to max |x|), ``"minmax"`` (max |x|), ``"percentile"`` (one
+    candidate per entry of ``percentiles``, named ``"percentile99.99"`` etc.) and,
+    if asked for, ``"mse"`` (``mse_threshold``).
+
+    The error of each candidate is the symmetric ``bits``-bit fake-quant MSE on
+    ``samples`` when given (a representative subset of the calibration values;
+    exact), else estimated from the histogram (``histogram_quantization_error``).
+    Ties go to the earlier candidate in ``methods`` order.
+    """
+    _, w, max_abs = _as_hist(hist)
+    cands: dict[str, float] = {}
+    for m in methods:
+        if m == "kl":
+            if isinstance(hist, StreamingHistogram):
+                cands["kl"] = hist.kl_threshold(num_quant_levels, start_bin)
+            else:
+                counts, w, max_abs = _as_hist(hist)
+                cands["kl"] = min(kl_threshold(counts, w, num_quant_levels, start_bin), max_abs)
+        elif m == "minmax":
+            cands["minmax"] = hist.max_abs if isinstance(hist, StreamingHistogram) else max_abs
+        elif m == "percentile":
+            for p in percentiles:
+                cands[f"percentile{p:g}"] = percentile_threshold(hist, p)
+        elif m == "mse":
+            cands["mse"] = mse_threshold(hist, bits)
+        else:
+            raise ValueError(f"unknown threshold method {m!r}")
+    if not cands:
+        raise ValueError("no threshold methods given")
+    if samples is not None:
+        s = np.asarray(samples, dtype=np.float64).reshape(-1)
+        s = s[np.isfinite(s)]
+        errors = {k: quantization_error(s, t, bits) for k, t in cands.items()}
+        source = "samples"
+    else:
+        errors = {k: histogram_quantization_error(hist, t, bits) for k, t in cands.items()}
+        source = "histogram"
+    best = min(cands, key=lambda k: (errors[k], list(cands).index(k)))
+    return ThresholdChoice(best, cands[best], cands, errors, source)
+
+
+# ---------------------------------------------------------------------------
+# Per-channel symmetric integer weights
+# ---------------------------------------------------------------------------
+
+
+def _move_axis_first(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, int | None]:
+    if axis is None:
+        return w.reshape(1, -1), None
+    axis = int(axis)
+    if not -w.ndim <= axis < w.ndim:
+        raise ValueError(f"axis {axis} out of range for a {w.ndim}-D weight")
+    axis %= w.ndim
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis
+
+
+def _bshape(ndim: int, axis: int) -> tuple[int, ...]:
+    shp = [1] * ndim
+    shp[axis] = -1
+    return tuple(shp)
+
+
+def quantize_weight_per_channel(w, axis: int = 0, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel quantization: ``(q int8, scale float32[C])``.
+
+    ``scale[c] = max|w[c]| / (2^(b-1)-1)`` (stored as float32, and ``q`` is
+    computed against that float32 scale), ``q = clip(rint(w / scale), -qmax,
+    qmax)``.  ``w == 0`` gives ``q == 0`` exactly.  All-zero channels get
+    ``scale = 1.0`` (ONNX needs a positive scale; their q are all 0); a scale
+    that would underflow float32 is raised to the smallest normal float32.
+    Dequantize: ``q * scale`` broadcast along ``axis``.
+    """
+    w = np.asarray(w)
+    if w.ndim == 0:
+        raise ValueError("weight must have at least one dimension")
+    qm = _qmax(bits)
+    if bits > 8:
+        raise ValueError("bits must be <= 8 for int8 storage")
+    w2, ax = _move_axis_first(w.astype(np.float64, copy=False), axis)
+    amax = np.max(np.abs(w2), axis=1) if w2.shape[1] else np.zeros(w2.shape[0])
+    scale = (amax / qm).astype(np.float32)
+    scale[amax == 0] = 1.0
+    scale = np.maximum(scale, np.finfo(np.float32).tiny)
+    bs = _bshape(w.ndim, ax)
+    q = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(bs)), -qm, qm).astype(np.int8)
+    return q, scale
+
+
+def dequantize_per_channel(q, scale, axis: int = 0) -> np.ndarray:
+    """``q * scale`` along ``axis``, float32 (what ONNX DequantizeLinear computes)."""
+    q = np.asarray(q)
+    scale = np.asarray(scale, dtype=np.float32)
+    return (q.astype(np.float32) * scale.reshape(_bshape(q.ndim, int(axis) % q.ndim))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Logarithmic (power-of-two) weights
+# ---------------------------------------------------------------------------
+
+
+def log_decode_table(bits: int) -> np.ndarray:
+    """Unit decode table of ``log_quantize``: ``2^bits`` float32 entries.
+
+    Code layout: bit ``bits-1`` is the sign, the low ``bits-1`` bits are the
+    magnitude code ``m``; ``m = 0`` is exact zero (both signs decode to 0; the
+    quantizer emits only code 0), ``m >= 1`` decodes to ``2^-(m-1)`` (times the
+    channel scale).  4 bits: 0, +-{1, 1/2, ..., 1/64}.
+    """
+    if not 2 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in [2, 8], got {bits}")
+    bits = int(bits)
+    half = 1 << (bits - 1)
+    mag = np.zeros(half, dtype=np.float32)
+    mag[1:] = np.ldexp(1.0, -np.arange(half - 1)).astype(np.float32)
+    return np.concatenate([mag, -mag]).astype(np.float32)
+
+
+def log_quantize(w, bits: int = 4, axis: int | None = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sign + power-of-two codes relative to a per-channel scale.
+
+    Returns ``(codes uint8 shaped like w, scale float32 [C] (or shape () when
+    axis is None), table float32 [2^bits])`` with
+    ``w_hat = table[codes] * scale`` (see ``log_decode_table`` for the layout).
+    ``scale[c] = max|w[c]|`` (float32), so each channel's largest weight is
+    exact.  Each weight goes to the *nearest* level in value (not in log
+    domain) among {0, 2^-(K-1), ..., 1/2, 1} * scale, K = 2^(b-1) - 1; ties at a
+    midpoint go to the smaller magnitude.  Exact zeros (and values nearer to 0
+    than to the smallest level) get code 0, which decodes to exactly 0.
+    All-zero channels get scale 1.0.
+    """
+    table = log_decode_table(bits)
+    w = np.asarray(w)
+    w64 = w.astype(np.float64)
+    w2, ax = _move_axis_first(w64, axis)
+    amax = np.max(np.abs(w2), axis=1) if w2.shape[1] else np.zeros(w2.shape[0])
+    scale = amax.astype(np.float32)
+    scale[scale == 0] = 1.0
+    half = 1 << (bits - 1)
+    K = half - 1
+    levels = np.concatenate(([0.0], np.ldexp(1.0, -np.arange(K - 1, -1, -1)).astype(np.float64)))  # ascending
+    mids = (levels[:-1] + levels[1:]) / 2.0
+    if ax is None:
+        r = np.abs(w64) / float(scale[0])
+    else:
+        r = np.abs(w64) / scale.astype(np.float64).reshape(_bshape(w.ndim, ax))
+    j = np.searchsorted(mids, r, side="left")  # r == mid -> lower level
+    mag = np.where(j == 0, 0, K - j + 1)  # level index j>=1 is 2^-(K-j) -> m = K-j+1
+    sign = (w64 < 0) & (mag > 0)
+    codes = (mag + sign * half).astype(np.uint8)
+    return codes, (scale.reshape(()) if ax is None else scale), table
+
+
+def log_dequantize(codes, scale, table, axis: int | None = 0) -> np.ndarray:
+    """``table[codes] * scale`` (scale broadcast along ``axis``), float32."""
+    codes = np.asarray(codes)
+    table = np.asarray(table, dtype=np.float32)
+    scale = np.asarray(scale, dtype=np.float32)
+    v = table[codes]
+    if axis is None or scale.ndim == 0:
+        return (v * scale.reshape(())).astype(np.float32)
+    return (v * scale.reshape(_bshape(codes.ndim, int(axis) % codes.ndim))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Exact 1-D k-means and LUT (codebook) quantization
+# ---------------------------------------------------------------------------
+
+
+@_njit(cache=True)
+def _kmeans_dp_kernel(x, w, k):  # pragma: no cover - compiled
+    """Optimal contiguous partition of sorted x (weights w > 0) into k groups.
+
+    D[m][j] = min_{i} D[m-1][i] + cost(i, j), segment [i, j); the optimal i is
+    monotone in j (the 1-D k-means cost is Monge), so each layer is computed by
+    divide and conquer in O(n log n).  Returns the label of every point.
+    """
+    n = x.shape[0]
+    W = np.zeros(n + 1)
+    S = np.zeros(n + 1)
+    Q = np.zeros(n + 1)
+    for i in range(n):
+        W[i + 1] = W[i] + w[i]
+        S[i + 1] = S[i] + w[i] * x[i]
+        Q[i + 1] = Q[i] + w[i] * x[i] * x[i]
+    prev = np.empty(n + 1)
+    cur = np.empty(n + 1)
+    prev[0] = np.inf
+    for j in range(1, n + 1):
+        s = S[j]
+        c = Q[j] - s * s / W[j]
+        prev[j] = c if c > 0.0 else 0.0
+    split = np.zeros((k + 1, n + 1), dtype=np.int32)
+    stack = np.empty((256, 4), dtype=np.int64)
+    for m in range(2, k + 1):
+        for j in range(n + 1):
+            cur[j] = np.inf
+        top = 0
+        stack[0, 0] = m
+        stack[0, 1] = n
+        stack[0, 2] = m - 1
+        stack[0, 3] = n - 1
+        top = 1
+        while top > 0:
+            top -= 1
+            jlo = stack[top, 0]
+            jhi = stack[top, 1]
+            olo = stack[top, 2]
+            ohi = stack[top, 3]
+            if jlo > jhi:
+                continue
+            mid = (jlo + jhi) // 2
+            lo = olo if olo > m - 1 else m - 1
+            hi = ohi if ohi < mid - 1 else mid - 1
+            best = np.inf
+            bi = lo
+            for i in range(lo, hi + 1):
+                dw = W[mid] - W[i]
+                ds = S[mid] - S[i]
+                c = Q[mid] - Q[i] - ds * ds / dw
+                if c < 0.0:
+                    c = 0.0
+                v = prev[i] + c
+                if v < best:
+                    best = v
+                    bi = i
+            cur[mid] = best
+            split[m, mid] = bi
+            stack[top, 0] = mid + 1
+            stack[top, 1] = jhi
+            stack[top, 2] = bi
+            stack[top, 3] = ohi
+            top += 1
+            stack[top, 0] = jlo
+            stack[top, 1] = mid - 1
+            stack[top, 2] = olo
+            stack[top, 3] = bi
+            top += 1
+        for j in range(n + 1):
+            prev[j] = cur[j]
+    labels = np.empty(n, dtype=np.int64)
+    j = n
+    for m in range(k, 0, -1):
+        i = split[m, j] if m > 1 else 0
+        for t in range(i, j):
+            labels[t] = m - 1
+        j = i
+    return labels
+
+
+def _weighted_centers(x: np.ndarray, w: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    sw = np.bincount(labels, weights=w, minlength=k)
+    sx = np.bincount(labels, weights=w * x, minlength=k)
+    return sx / sw
+
+
+def kmeans_1d_optimal(
+    values,
+    k: int,
+    weights=None,
+    *,
+    max_unique: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact weighted 1-D k-means: ``(centers sorted ascending, assignment)``.
+
+    Minimizes ``sum_i weights_i (values_i - centers[assignment_i])^2``.  The
+    values are first compressed to their sorted distinct values with summed
+    weights (exact: equal values share a cluster in some optimum), then the
+    optimal contiguous partition is found by dynamic programming with a
+    divide-and-conquer layer update, O(k n log n) for n distinct values.
+
+    If there are more than ``max_unique`` distinct values, they are compressed
+    further to a ``max_unique``-bin weighted histogram over [min, max] (each bin
+    represented by the weighted mean of its values); the result is then optimal
+    *for the compressed data* only, and points are assigned to their nearest
+    center.  Returns ``min(k, n_distinct)`` centers; ``assignment`` has the
+    shape of ``values`` (int64).  Points with weight 0 do not influence the
+    centers and are assigned to their nearest center.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    shape = x.shape
+    x = x.reshape(-1)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite")
+    if weights is None:
+        wt = np.ones_like(x)
+    else:
+        wt = np.broadcast_to(np.asarray(weights, dtype=np.float64), shape).reshape(-1)
+        if (wt < 0).any() or not np.isfinite(wt).all():
+            raise ValueError("weights must be finite and >= 0")
+    if x.size == 0:
+        return np.zeros(0), np.zeros(shape, dtype=np.int64)
+    pos = wt > 0
+    if not pos.any():  # nothing weighs anything: one center at the plain mean
+        return np.array([float(x.mean())]), np.zeros(shape, dtype=np.int64)
+    all_pos = bool(pos.all())
+    xp = x if all_pos else x[pos]
+    u, inv = np.unique(xp, return_inverse=True)
+    uw = np.bincount(inv, weights=wt if all_pos else wt[pos], minlength=u.size)
+    compressed = False
+    if u.size > max_unique:
+        compressed = True
+        lo, hi = u[0], u[-1]
+        b = np.minimum(((u - lo) * (max_unique / (hi - lo))).astype(np.int64), max_unique - 1)
+        hw = np.bincount(b, weights=uw, minlength=max_unique)
+        hx = np.bincount(b, weights=uw * u, minlength=max_unique)
+        keep = hw > 0
+        pts, pw = hx[keep] / hw[keep], hw[keep]
+        pts = np.maximum.accumulate(pts)  # guard against rounding making it non-monotone
+    else:
+        pts, pw = u, uw
+    kk = min(k, pts.size)
+    if kk == pts.size:
+        labels = np.arange(pts.size, dtype=np.int64)
+    else:
+        mu = float(np.dot(pw, pts) / pw.sum())
+        labels = _kmeans_dp_kernel(pts - mu, pw, kk)
+    centers = _weighted_centers(pts, pw, labels, kk)
+    if compressed or not all_pos:
+        assignment = _nearest_sorted(centers, x)
+    else:
+        assignment = labels[inv]
+    return centers, assignment.reshape(shape)
+
+
+def _nearest_sorted(centers: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted ``centers`` for every x (ties to the lower)."""
+    if centers.size == 1:
+        return np.zeros(x.shape, dtype=np.int64)
+    mids = (centers[:-1] + centers[1:]) / 2.0
+    return np.searchsorted(mids, x, side="left").astype(np.int64)
+
+
+def kmeans_cost(values, centers, assignment, weights=None) -> float:
+    """Weighted SSE of a clustering (helper for tests and benchmarks)."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    c = np.asarray(centers, dtype=np.float64)[np.asarray(assignment).reshape(-1)]
+    wt = 1.0 if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    return float(np.sum(wt * (x - c) ** 2))
+
+
+def _lut_one(v: np.ndarray, sw, bits: int, reserve_zero: bool, max_unique: int) -> tuple[np.ndarray, np.ndarray]:
+    ncode = 1 << bits
+    book = np.zeros(ncode, dtype=np.float64)
+    codes = np.zeros(v.shape, dtype=np.uint8)
+    if reserve_zero:
+        nz = v != 0
+        if nz.any():
+            cen, asg = kmeans_1d_optimal(v[nz], ncode - 1, None if sw is None else sw[nz], max_unique=max_unique)
+            book[1 : 1 + cen.size] = cen
+            codes[nz] = (asg + 1).astype(np.uint8)
+    else:
+        cen, asg = kmeans_1d_optimal(v, ncode, sw, max_unique=max_unique)
+        book[: cen.size] = cen
+        codes[:] = asg.astype(np.uint8)
+    return codes, book.astype(np.float32)
+
+
+def lut_quantize(
+    w,
+    bits: int = 4,
+    axis: int | None = None,
+    *,
+    reserve_zero: bool = True,
+    sample_weight=None,
+    max_unique: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k-means look-up-table quantization: ``(codes uint8 shaped like w, codebook float32)``.
+
+    ``axis=None``: one codebook of ``2^bits`` entries for the whole tensor;
+    ``axis=int``: one codebook per slice along ``axis``, shape ``[C, 2^bits]``.
+    With ``reserve_zero`` (default) code 0 is exact 0.0 and only the nonzero
+    weights are clustered, into ``2^bits - 1`` optimal centers (codes 1..;
+    sorted ascending), so zeros (N:M pruned weights) decode to exactly 0; a
+    slice without zeros pays one unused code.  Without it, all values share
+    ``2^bits`` centers and zeros are not guaranteed exact.  Unused codebook
+    entries (fewer distinct values than codes) are 0.0.  ``sample_weight``
+    (same shape as w, >= 0) weighs the squared error of each weight (e.g. a
+    Hessian diagonal).  Clustering is exact 1-D k-means
+    (``kmeans_1d_optimal``, see its note on > ``max_unique`` distinct values).
+    """
+    bits = int(bits)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    if reserve_zero and bits < 2:
+        raise ValueError("reserve_zero needs bits >= 2")
+    w = np.asarray(w)
+    w64 = w.astype(np.float64)
+    sw = None if sample_weight is None else np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), w.shape)
+    if axis is None:
+        codes, book = _lut_one(w64.reshape(-1), None if sw is None else sw.reshape(-1), bits, reserve_zero, max_unique)
+        return codes.reshape(w.shape), book
+    w2, ax = _move_axis_first(w64, axis)
+    sw2 = None if sw is None else _move_axis_first(sw, axis)[0]
+    codes2 = np.zeros(w2.shape, dtype=np.uint8)
+    books = np.zeros((w2.shape[0], 1 << bits), dtype=np.float32)
+    for c in range(w2.shape[0]):
+        codes2[c], books[c] = _lut_one(w2[c], None if sw2 is None else sw2[c], bits, reserve_zero, max_unique)
+    moved_shape = (w.shape[ax],) + tuple(s for i, s in enumerate(w.shape) if i != ax)
+    codes = np.moveaxis(codes2.reshape(moved_shape), 0, ax)
+    return np.ascontiguousarray(codes), books
+
+
+def lut_dequantize(codes, codebook, axis: int | None = None) -> np.ndarray:
+    """Decode ``lut_quantize`` output: ``codebook[codes]`` (per slice along ``axis``), float32."""
+    codes = np.asarray(codes)
+    book = np.asarray(codebook, dtype=np.float32)
+    if axis is None or book.ndim == 1:
+        return book[codes]
+    ax = int(axis) % codes.ndim
+    c2 = np.moveaxis(codes, ax, 0).reshape(codes.shape[ax], -1)
+    out = np.take_along_axis(book, c2.astype(np.intp), axis=1)
+    moved_shape = (codes.shape[ax],) + tuple(s for i, s in enumerate(codes.shape) if i != ax)
+    return np.ascontiguousarray(np.moveaxis(out.reshape(moved_shape), 0, ax))
+
+
+# ---------------------------------------------------------------------------
+# 4-bit packing, SQNR
+# ---------------------------------------------------------------------------
+
+
+def pack_4bit(codes) -> np.ndarray:
+    """Pack 4-bit codes two per byte, first element in the low nibble (ONNX INT4/UINT4 layout).
+
+    Accepts unsigned codes 0..15 or signed values -8..7 (stored two's
+    complement).  The array is flattened in C order; an odd count leaves the
+    last high nibble 0.  Returns ``ceil(n / 2)`` uint8.
+    """
+    c = np.asarray(codes).reshape(-1)
+    if c.dtype.kind not in "iu":
+        raise TypeError(f"codes must be integers, got {c.dtype}")
+    ci = c.astype(np.int64)
+    if c.size and (ci.min() < -8 or ci.max() > 15 or (ci.min() < 0 and ci.max() > 7)):
+        raise ValueError("codes must be in 0..15 (unsigned) or -8..7 (signed)")
+    nib = (ci & 0xF).astype(np.uint8)
+    if nib.size % 2:
+        nib = np.concatenate([nib, np.zeros(1, dtype=np.uint8)])
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_4bit(packed, count: int | None = None, *, signed: bool = False) -> np.ndarray:
+    """Inverse of ``pack_4bit``: ``count`` codes (default ``2 * len(packed)``).
+
+    ``signed=True`` sign-extends the nibbles to int8 (-8..7); otherwise uint8 (0..15).
+    """
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    out = np.empty(p.size * 2, dtype=np.uint8)
+    out[0::2] = p & 0xF
+    out[1::2] = p >> 4
+    if count is not None:
+        count = int(count)
+        if not 0 <= count <= out.size:
+            raise ValueError(f"count {count} does not fit in {p.size} packed bytes")
+        out = out[:count]
+    if signed:
+        return ((out.astype(np.int16) ^ 8) - 8).astype(np.int8)
+    return out
+
+
+def sqnr_db(reference, approx) -> float:
+    """Signal-to-quantization-noise ratio, ``10 log10(sum ref^2 / sum (ref - approx)^2)`` dB.
+
+    +inf when the approximation is exact; -inf when the reference is all zero but
+    the approximation is not.
+    """
+    r = np.asarray(reference, dtype=np.float64)
+    a = np.asarray(approx, dtype=np.float64)
+    noise = float(np.sum((r - a) ** 2))
+    sig = float(np.sum(r * r))
+    if noise == 0.0:
+        return math.inf
+    if sig == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(sig / noise)
