@@ -49,6 +49,8 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output model path (default: MODEL.nm.onnx beside the input; never the input)")
     p.add_argument("--pattern", default="2:4", help="N:M: keep at most N nonzeros in every M along the reduction axis, 0<N<M<=32; 'none' to skip pruning (default 2:4)")
     p.add_argument("--sequential", action="store_true", help="sequential N:M: the M-N pruned weights of each group are consecutive")
+    p.add_argument("--transposable", action="store_true", help="transposable N:M: every MxM tile (outputs x inputs) keeps N per row and per column, so W and W^T are both N:M")
+    p.add_argument("--solver", default="auto", choices=("exact", "approx", "auto"), help="transposable mask solver: exact optimum per tile, fast approximation (greedy + repair), or auto (default)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
     p.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     _add_common(p)
@@ -72,6 +74,8 @@ def run_compile(args) -> int:
         output=args.output,
         pattern=args.pattern,
         sequential=args.sequential,
+        transposable=args.transposable,
+        solver=args.solver,
         exclude=args.exclude,
         progress=not args.quiet and sys.stderr.isatty(),
     )

@@ -88,7 +88,7 @@ def format_inspect(result: dict) -> str:
         cells = [layer["name"], layer["op"], "x".join(map(str, layer["shape"])), f"{layer['sparsity']:.1%}"]
         for m in INSPECT_M:
             n = layer["smallest_n"][str(m)]
-            cells.append("-" if n is None else f"{n}:{m}")
+            cells.append("-" if n is None else "none" if n >= m else f"{n}:{m}")
         t = []
         for m in TRANSPOSABLE_M:
             n = layer["transposable"][str(m)]

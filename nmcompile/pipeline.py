@@ -25,6 +25,8 @@ from .patterns import Pattern, parse_pattern
 class CompileOptions:
     pattern: Pattern | None = field(default_factory=lambda: Pattern(2, 4))
     sequential: bool = False
+    transposable: bool = False
+    solver: str = "auto"
     exclude: tuple[str, ...] = ()
     progress: bool = False
 
@@ -32,6 +34,8 @@ class CompileOptions:
         return {
             "pattern": str(self.pattern) if self.pattern else "none",
             "sequential": self.sequential,
+            "transposable": self.transposable,
+            "solver": self.solver,
             "exclude": list(self.exclude),
         }
 
@@ -95,12 +99,20 @@ def compile_model(
     sequential: bool = False,
     exclude: tuple[str, ...] | list[str] = (),
     progress: bool = False,
+    transposable: bool = False,
+    solver: str = "auto",
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
     if isinstance(pattern, str) or pattern is None:
         pattern = parse_pattern(pattern)
-    options = CompileOptions(pattern=pattern, sequential=sequential, exclude=tuple(exclude), progress=progress)
+    if solver not in ("exact", "approx", "auto"):
+        raise UserError(f"solver {solver!r}: expected exact, approx or auto")
+    if transposable and sequential:
+        raise UserError("--transposable and --sequential cannot be combined")
+    options = CompileOptions(
+        pattern=pattern, sequential=sequential, transposable=transposable, solver=solver, exclude=tuple(exclude), progress=progress
+    )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)
     out_model = Path(output) if output is not None else default_output(model_path)
@@ -116,7 +128,7 @@ def compile_model(
     ep = provider_config(
         pattern=(pattern.n, pattern.m) if pattern else None,
         sequential=sequential,
-        transposable=False,
+        transposable=transposable,
         quantization=None,
         model_filename=paths.model.name,
     )
@@ -189,12 +201,12 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "shape": list(use.eff_shape),
             "reduction_axis": use.red_axis,
             "reduction_length": use.reduction,
-            "pattern": None if target.skip or opts.pattern is None else str(opts.pattern) + ("-seq" if opts.sequential else ""),
+            "pattern": None if target.skip or opts.pattern is None else str(opts.pattern) + ("-seq" if opts.sequential else "-T" if extra.get("transposable") else ""),
             "sparsity": zeros / size if size else 0.0,
             "skipped": target.skip,
         }
         row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "fp16")
-        for key in ("retained_l1", "retained_score", "zeros_before"):
+        for key in ("retained_l1", "retained_score", "retained_plain_nm", "transposable", "solver", "optimality", "zeros_before"):
             if key in extra:
                 row[key] = extra[key]
         if target.notes:

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from .base import CompileContext, Pass, PassResult
-from .targets import WeightView
+from .targets import Use, WeightView
 
 
 @numba.njit(cache=True, inline="always")
@@ -114,6 +114,19 @@ def retained_fraction(scores: np.ndarray, keep: np.ndarray) -> float:
     return float(np.sum(scores[keep], dtype=np.float64) / total) if total > 0 else 1.0
 
 
+def transposable_keep(scores: np.ndarray, use: Use, n: int, m: int, solver: str) -> np.ndarray | None:
+    """Transposable keep-mask on M×M tiles of [outputs, reductions] (per kernel position); None if it does not tile."""
+    from .transposable import transposable_mask
+
+    moved = np.moveaxis(scores, (use.out_axis, use.red_axis), (-2, -1))
+    rows, cols = moved.shape[-2:]
+    if cols % m or rows % m or (rows // use.groups) % m:
+        return None
+    mats = np.ascontiguousarray(moved, dtype=np.float32).reshape(-1, cols)
+    mask = transposable_mask(mats, n, m, solver).reshape(moved.shape)
+    return np.moveaxis(mask, (-2, -1), (use.out_axis, use.red_axis))
+
+
 class NMMask(Pass):
     """Chooses each target's keep-mask from a score (|w| unless a calibration pass gave one) and zeroes the rest."""
 
@@ -133,7 +146,30 @@ class NMMask(Pass):
             view = WeightView(ctx.model, target.weight, use)
             weight = view.effective()
             scores = scores_from.get(target.name)
+            row = ctx.layer(target.name)
             pruned, keep, kept_l1, total_l1 = prune_nm(weight, pattern.n, pattern.m, use.red_axis, opts.sequential, scores)
+            if opts.transposable or target.transposable:
+                score = np.abs(weight) if scores is None else scores
+                t_keep = transposable_keep(score, use, pattern.n, pattern.m, opts.solver)
+                if t_keep is None:
+                    row["transposable"] = False
+                    target.notes.append(f"does not tile into {pattern.m}x{pattern.m} (outputs x inputs): plain N:M instead")
+                else:
+                    from .transposable import _resolve_solver, tile_optimality_gap
+
+                    row["retained_plain_nm"] = retained_fraction(score, keep)
+                    keep = t_keep
+                    pruned = np.where(keep, weight, np.float32(0))
+                    kept_l1 = float(np.abs(pruned, dtype=np.float64).sum())
+                    row["transposable"] = True
+                    solver = _resolve_solver(opts.solver, pattern.n, pattern.m, weight.size)
+                    row["solver"] = solver
+                    if solver == "exact":
+                        row["optimality"] = 1.0
+                    else:
+                        mats = np.moveaxis(score, (use.out_axis, use.red_axis), (-2, -1))
+                        mask_m = np.moveaxis(keep, (use.out_axis, use.red_axis), (-2, -1))
+                        row["optimality"] = tile_optimality_gap(mats.reshape(-1, mats.shape[-1]), mask_m.reshape(-1, mats.shape[-1]), pattern.n, pattern.m)
             zeros_before = int(weight.size - np.count_nonzero(weight))
             zeros_after = int(pruned.size - np.count_nonzero(pruned))
             if zeros_after != zeros_before:
@@ -143,7 +179,6 @@ class NMMask(Pass):
                 else:
                     view.zero(~keep)
             masks[target.name] = keep
-            row = ctx.layer(target.name)
             row["retained_l1"] = kept_l1 / total_l1 if total_l1 > 0 else 1.0
             row["_l1"] = (kept_l1, total_l1)
             if scores is not None:

@@ -53,6 +53,7 @@ class Target:
     uses: list[Use]
     skip: str | None = None
     notes: list[str] = field(default_factory=list)
+    transposable: bool = False  # forced: a use multiplies by the weight's transpose
 
     @property
     def primary(self) -> Use:
@@ -350,6 +351,30 @@ def uses_agree(loaded, target: Target, m: int) -> bool:
     return True
 
 
+def stored_axis(view: WeightView, eff_axis: int) -> int | None:
+    """The stored tensor's axis that an effective axis walks along (None if it mixes axes)."""
+    idx = view.index_map()
+    if idx is None:
+        return eff_axis
+    if idx.shape[eff_axis] < 2:
+        return None
+    delta = np.unique(np.take(idx, 1, axis=eff_axis).astype(np.int64) - np.take(idx, 0, axis=eff_axis))
+    dims = [int(d) for d in view.loaded.initializer(view.weight).dims]
+    for axis in range(len(dims)):
+        stride = int(np.prod(dims[axis + 1 :], dtype=np.int64))
+        if delta.size == 1 and delta[0] == stride and dims[axis] == idx.shape[eff_axis]:
+            return axis
+    return None
+
+
+def transposed_pair(loaded, target: Target) -> bool:
+    """True when a 2-D weight is reduced along one axis by some uses and along the other by the rest."""
+    if any(len(u.eff_shape) != 2 for u in target.uses):
+        return False
+    axes = {stored_axis(WeightView(loaded, target.weight, u), u.red_axis) for u in target.uses}
+    return axes == {0, 1}
+
+
 def _same_geometry(a: Use, b: Use) -> bool:
     return (
         a.red_axis == b.red_axis
@@ -397,7 +422,12 @@ class FindTargets(Pass):
             for t in targets:
                 if not t.skip and len(t.uses) > 1 and not uses_agree(ctx.model, t, m):
                     names = ", ".join(u.node.name for u in t.uses)
-                    t.skip = f"shared weight whose uses group it along different axes ({names})"
+                    dims = t.primary.eff_shape
+                    if transposed_pair(ctx.model, t) and all(d % m == 0 for d in dims):
+                        t.transposable = True
+                        t.notes.append(f"shared by uses that read it transposed ({names}): transposable mask, N:M both ways")
+                    else:
+                        t.skip = f"shared weight whose uses group it along different axes ({names})"
         ctx.artifacts["targets"] = targets
         return PassResult(False)
 

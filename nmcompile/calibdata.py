@@ -1,0 +1,228 @@
+"""Calibration data: load it, check it against the model, cut it into batches.
+
+Format: an ``.npz`` whose arrays are named after the model's inputs, samples
+along the first axis (``np.savez("calib.npz", input_ids=..., attention_mask=...)``),
+or a folder of such files, concatenated along axis 0 in sorted file-name order.
+Arrays are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from typing import Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from nmcompile.errors import UserError
+from nmcompile.passes.statistics import fixed_batch_size
+
+__all__ = ["load_calibration", "validate_calibration", "iter_batches", "batch_size_for",
+           "Batches"]
+
+_LOAD_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError,
+                zlib.error, TypeError, AttributeError)
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except _LOAD_ERRORS as e:
+        raise UserError(f"cannot read calibration file {path}: not a valid .npz archive "
+                        f"({_first_line(e)})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise UserError(f"calibration file {path} is a single array, not an .npz archive "
+                        "with arrays named after the model's inputs")
+    out = {}
+    with f:
+        for k in f.files:
+            try:
+                out[k] = f[k]
+            except _LOAD_ERRORS as e:
+                msg = _first_line(e)
+                if "allow_pickle" in msg or "bject arrays" in msg:
+                    raise UserError(f"calibration array {k!r} in {path} is an object "
+                                    "array; only numeric arrays are accepted") from None
+                raise UserError(f"cannot read array {k!r} of calibration file {path}: "
+                                f"{msg}") from None
+    if not out:
+        raise UserError(f"calibration file {path} holds no arrays")
+    for k, a in out.items():
+        if a.dtype.kind not in "biuf":
+            raise UserError(f"calibration array {k!r} in {path} has unsupported "
+                            f"dtype {a.dtype}")
+        if a.ndim == 0:
+            raise UserError(f"calibration array {k!r} in {path} is a scalar; samples "
+                            "go along the first axis")
+    return out
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load an .npz file or a folder of .npz files (concatenated along axis 0 in
+    sorted file-name order). Bad input raises UserError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"calibration data not found: {path}")
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path)
+                       if f.lower().endswith(".npz") and os.path.isfile(os.path.join(path, f)))
+        if not files:
+            raise UserError(f"calibration folder {path} holds no .npz files")
+        parts = [_load_npz(os.path.join(path, f)) for f in files]
+        keys = set(parts[0])
+        for f, p in zip(files[1:], parts[1:]):
+            if set(p) != keys:
+                raise UserError(f"calibration file {f} has arrays {sorted(p)}, "
+                                f"{files[0]} has {sorted(keys)}")
+        out = {}
+        for k in parts[0]:
+            arrs = [p[k] for p in parts]
+            for f, a in zip(files, arrs):
+                if a.shape[1:] != arrs[0].shape[1:] or a.dtype != arrs[0].dtype:
+                    raise UserError(f"calibration array {k!r}: {f} has shape {a.shape} "
+                                    f"{a.dtype}, {files[0]} has {arrs[0].shape} "
+                                    f"{arrs[0].dtype}")
+            out[k] = np.concatenate(arrs, axis=0) if len(arrs) > 1 else arrs[0]
+            for p in parts:
+                del p[k]
+        return out
+    return _load_npz(path)
+
+
+def _elem_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+    except Exception:
+        return None
+
+
+def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray]) -> None:
+    """Check names, dtypes, per-sample shapes and sample counts against the
+    model's graph inputs (those that are not initializers). Raises UserError."""
+    inits = {t.name for t in model.graph.initializer}
+    inits |= {t.values.name for t in model.graph.sparse_initializer}
+    inputs = [vi for vi in model.graph.input if vi.name not in inits]
+    names = [vi.name for vi in inputs]
+    missing = [n for n in names if n not in data]
+    extra = sorted(k for k in data if k not in names)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(missing))
+        if extra:
+            parts.append("unknown " + ", ".join(extra))
+        raise UserError(f"calibration data does not match the model inputs "
+                        f"({'; '.join(parts)}); expected {', '.join(names)}")
+    counts = {}
+    fixed = set()
+    for vi in inputs:
+        a = np.asarray(data[vi.name])
+        if not vi.type.HasField("tensor_type"):
+            raise UserError(f"model input {vi.name!r} is not a tensor; calibration "
+                            "supports tensor inputs only")
+        want = _elem_dtype(vi)
+        if want is not None and a.dtype != want:
+            raise UserError(f"calibration array {vi.name!r} has dtype {a.dtype}, the model "
+                            f"input expects {want}")
+        if a.ndim == 0:
+            raise UserError(f"calibration array {vi.name!r} is a scalar; samples go "
+                            "along the first axis")
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            dims = tt.shape.dim
+            if len(dims) == 0:
+                raise UserError(f"model input {vi.name!r} is a scalar; it cannot take a "
+                                "batch of calibration samples")
+            if a.ndim != len(dims):
+                raise UserError(f"calibration array {vi.name!r} has shape {a.shape}, the "
+                                f"model input has rank {len(dims)}")
+            want_shape = []
+            bad = False
+            for d, n in zip(list(dims)[1:], a.shape[1:]):
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    want_shape.append(str(d.dim_value))
+                    bad |= int(d.dim_value) != n
+                else:
+                    want_shape.append(d.dim_param or "?")
+            if bad:
+                raise UserError(f"calibration array {vi.name!r} has samples of shape "
+                                f"{tuple(a.shape[1:])}, the model input expects "
+                                f"({', '.join(want_shape)})")
+            d0 = dims[0]
+            if d0.HasField("dim_value") and d0.dim_value > 0:
+                fixed.add(int(d0.dim_value))
+        counts[vi.name] = a.shape[0]
+    if len(set(counts.values())) > 1:
+        raise UserError("calibration arrays hold different numbers of samples: "
+                        + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    n = next(iter(counts.values()), 0)
+    if inputs and n < 1:
+        raise UserError("calibration data holds no samples")
+    if len(fixed) > 1:
+        raise UserError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
+    if fixed and n < min(fixed):
+        raise UserError(f"the model takes batches of exactly {min(fixed)} samples; the "
+                        f"calibration data holds only {n}")
+
+
+def batch_size_for(model: onnx.ModelProto, batch_size: int) -> int:
+    """The batch size iter_batches uses: the inputs' fixed first dimension if they
+    have one, else ``batch_size``."""
+    fixed = _fixed(model)
+    if fixed is not None:
+        return fixed
+    if int(batch_size) < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    return int(batch_size)
+
+
+def _fixed(model: onnx.ModelProto) -> int | None:
+    try:
+        return fixed_batch_size(model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+class Batches:
+    """The batches of ``iter_batches``: ``len()`` is the number of batches,
+    ``iter()`` starts a fresh pass each time (several calibration passes can share
+    one object), ``next()`` steps through one internal pass."""
+
+    def __init__(self, data: Mapping[str, np.ndarray], b: int, stop: int):
+        self.data, self.batch_size, self.stop = data, b, stop
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return -(-self.stop // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        b = self.batch_size
+        for i in range(0, self.stop, b):
+            yield {k: v[i:i + b] for k, v in self.data.items()}
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it)
+
+
+def iter_batches(model: onnx.ModelProto, data: Mapping[str, np.ndarray],
+                 batch_size: int) -> Batches:
+    """Batches of views of ``data``, ``b`` samples each: ``b`` is the fixed first
+    dimension of the model's inputs when they have one (e.g. 1) — a trailing
+    remainder smaller than that is dropped, since the model cannot take it — else
+    ``batch_size`` (the last batch may be smaller). Errors are raised here, not
+    at the first batch."""
+    fixed = _fixed(model)
+    b = batch_size_for(model, batch_size)
+    n = min((np.shape(a)[0] for a in data.values()), default=0)
+    stop = (n // b) * b if fixed is not None else n
+    return Batches(data, b, stop)
