@@ -14,61 +14,75 @@ from .base import CompileContext, Pass, PassResult
 from .targets import Use, WeightView
 
 
-@numba.njit(cache=True, inline="always")
-def _score(scores, use_abs, a, i, b):
-    v = scores[a, i, b]
-    return abs(v) if use_abs else v
-
-
 @numba.njit(cache=True, parallel=True)
-def _nm_kernel(weight, scores, use_abs, n, m, sequential, keep, pruned):
+def _nm_kernel(weight, scores, use_abs, n, m, sequential, keep, pruned, nchunks):
     """Mask and prune in place of the weight's own layout, viewed as [outer, K, inner].
 
     Groups are m consecutive entries along K (stride `inner`); nothing is transposed.
     Top-n: rank by pairwise comparison, the lower index winning ties. Sequential:
     drop the window of m-n consecutive entries with the least total score.
-    Returns (kept |w| sum, total |w| sum) for the report.
+    Work is cut into a fixed number of chunks whose partial sums are added in
+    order, so the (kept, total) |w| sums do not depend on the thread count.
     """
     outer, k, inner = weight.shape
     ngroups = k // m
-    kept_l1 = 0.0
-    total_l1 = 0.0
-    for job in numba.prange(outer * ngroups):
-        a = job // ngroups
-        base = (job % ngroups) * m
-        for b in range(inner):
-            if sequential:
-                width = m - n
-                best_start = 0
-                best = np.inf
-                for start in range(n + 1):
-                    acc = 0.0
-                    for t in range(start, start + width):
-                        acc += _score(scores, use_abs, a, base + t, b)
-                    if acc < best:
-                        best = acc
-                        best_start = start
+    jobs = outer * ngroups
+    kept_parts = np.zeros(nchunks)
+    total_parts = np.zeros(nchunks)
+    for c in numba.prange(nchunks):
+        buf = np.empty(m, dtype=np.float32)
+        kept_l1 = 0.0
+        total_l1 = 0.0
+        for job in range(c * jobs // nchunks, (c + 1) * jobs // nchunks):
+            a = job // ngroups
+            base = (job % ngroups) * m
+            for b in range(inner):
                 for i in range(m):
-                    keep[a, base + i, b] = not (best_start <= i < best_start + width)
-            else:
-                for i in range(m):
-                    si = _score(scores, use_abs, a, base + i, b)
-                    rank = 0
-                    for j in range(i):
-                        rank += _score(scores, use_abs, a, base + j, b) >= si
-                    for j in range(i + 1, m):
-                        rank += _score(scores, use_abs, a, base + j, b) > si
-                    keep[a, base + i, b] = rank < n
-            for i in range(m):
-                w = weight[a, base + i, b]
-                aw = abs(w)
-                total_l1 += aw
-                if keep[a, base + i, b]:
-                    kept_l1 += aw
-                    pruned[a, base + i, b] = w
+                    v = scores[a, base + i, b]
+                    buf[i] = abs(v) if use_abs else v
+                if sequential:
+                    width = m - n
+                    best_start = 0
+                    best = np.inf
+                    for start in range(n + 1):
+                        acc = 0.0
+                        for t in range(start, start + width):
+                            acc += buf[t]
+                        if acc < best:
+                            best = acc
+                            best_start = start
+                    for i in range(m):
+                        keep[a, base + i, b] = not (best_start <= i < best_start + width)
                 else:
-                    pruned[a, base + i, b] = 0
-    return kept_l1, total_l1
+                    for i in range(m):
+                        si = buf[i]
+                        rank = 0
+                        for j in range(i):
+                            rank += buf[j] >= si
+                        for j in range(i + 1, m):
+                            rank += buf[j] > si
+                        keep[a, base + i, b] = rank < n
+                for i in range(m):
+                    w = weight[a, base + i, b]
+                    aw = abs(w)
+                    total_l1 += aw
+                    if keep[a, base + i, b]:
+                        kept_l1 += aw
+                        pruned[a, base + i, b] = w
+                    else:
+                        pruned[a, base + i, b] = 0
+        kept_parts[c] = kept_l1
+        total_parts[c] = total_l1
+    kept = 0.0
+    total = 0.0
+    for c in range(nchunks):
+        kept += kept_parts[c]
+        total += total_parts[c]
+    return kept, total
+
+
+# Groups per parallel work item: small tensors run as one chunk (no thread hand-off).
+_GROUPS_PER_CHUNK = 1 << 16
 
 
 def _as_3d(array: np.ndarray, axis: int) -> np.ndarray:
@@ -90,7 +104,9 @@ def prune_nm(weight: np.ndarray, n: int, m: int, axis: int, sequential: bool = F
         return pruned, keep, 0.0, 0.0
     w3 = _as_3d(weight, axis)
     s3 = w3 if scores is None else _as_3d(np.ascontiguousarray(scores, dtype=np.float32), axis)
-    kept, total = _nm_kernel(w3, s3, scores is None, n, m, sequential, _as_3d(keep, axis), _as_3d(pruned, axis))
+    groups = weight.size // m
+    nchunks = max(1, min(256, groups // _GROUPS_PER_CHUNK))
+    kept, total = _nm_kernel(w3, s3, scores is None, n, m, sequential, _as_3d(keep, axis), _as_3d(pruned, axis), nchunks)
     return pruned, keep, kept, total
 
 
