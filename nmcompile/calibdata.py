@@ -83,7 +83,7 @@ def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise UserError(f"calibration file {f} has arrays {sorted(p)}, "
                                 f"{files[0]} has {sorted(keys)}")
         out = {}
-        for k in parts[0]:
+        for k in list(parts[0]):
             arrs = [p[k] for p in parts]
             for f, a in zip(files, arrs):
                 if a.shape[1:] != arrs[0].shape[1:] or a.dtype != arrs[0].dtype:

@@ -51,6 +51,12 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--sequential", action="store_true", help="sequential N:M: the M-N pruned weights of each group are consecutive")
     p.add_argument("--transposable", action="store_true", help="transposable N:M: every MxM tile (outputs x inputs) keeps N per row and per column, so W and W^T are both N:M")
     p.add_argument("--solver", default="auto", choices=("exact", "approx", "auto"), help="transposable mask solver: exact optimum per tile, fast approximation (greedy + repair), or auto (default)")
+    cal = p.add_argument_group("calibration (AdaPrune)")
+    cal.add_argument("--calib", metavar="DATA", help="calibration data: an .npz whose arrays are named after the model inputs (samples on axis 0), or a folder of .npz; turns on calibration-aware masks and AdaPrune")
+    cal.add_argument("--calib-batch", type=int, default=32, metavar="B", help="samples per calibration batch (default 32; models with a fixed batch dimension use theirs)")
+    cal.add_argument("--no-adaprune", action="store_true", help="with --calib: choose masks from the statistics but do not re-fit the weights")
+    cal.add_argument("--mask-score", choices=("obs", "activation", "magnitude"), help="how a weight's importance is scored: obs (w^2/[H^-1]_ii, the default with --calib), activation (|w|*||x||), magnitude (|w|, the default without)")
+    cal.add_argument("--sequential-calib", action="store_true", help="take each layer's statistics from the model whose earlier layers are already compressed, fitting to the dense outputs (slower, one calibration pass per layer wave)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
     p.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     _add_common(p)
@@ -78,6 +84,11 @@ def run_compile(args) -> int:
         solver=args.solver,
         exclude=args.exclude,
         progress=not args.quiet and sys.stderr.isatty(),
+        calib=args.calib,
+        calib_batch=args.calib_batch,
+        adaprune=not args.no_adaprune,
+        mask_score=args.mask_score,
+        sequential_calib=args.sequential_calib,
     )
     if not args.quiet:
         print(format_summary(result))

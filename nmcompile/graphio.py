@@ -178,6 +178,10 @@ class LoadedModel:
     def changed(self) -> set[str]:
         return set(self._overrides)
 
+    def overrides(self) -> dict[str, np.ndarray]:
+        """Initializers whose current value differs from the file (for running the model as it stands)."""
+        return dict(self._overrides)
+
     def weight_bytes(self) -> int:
         return sum(tensor_nbytes(t) for t in iter_tensors(self.model))
 

@@ -11,6 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from nmcompile.passes.adaprune import (
+    MASK_SCORES,
+    AdaPrune,
+    CalibrationScores,
+    CollectStatistics,
+    KeepDenseWeights,
+    SequentialCalibration,
+)
 from nmcompile.passes.base import CompileContext, PassManager
 from nmcompile.passes.canonicalize import canonicalize_passes
 from nmcompile.passes.nm_mask import NMMask
@@ -29,6 +37,12 @@ class CompileOptions:
     solver: str = "auto"
     exclude: tuple[str, ...] = ()
     progress: bool = False
+    calib: str | None = None
+    calib_batch: int = 32
+    adaprune: bool = True
+    mask_score: str = "obs"
+    sequential_calib: bool = False
+    damp: float = 0.01
 
     def describe(self) -> dict:
         return {
@@ -37,6 +51,16 @@ class CompileOptions:
             "transposable": self.transposable,
             "solver": self.solver,
             "exclude": list(self.exclude),
+            "calibration": None
+            if self.calib is None
+            else {
+                "data": Path(self.calib).name,
+                "batch": self.calib_batch,
+                "adaprune": self.adaprune,
+                "mask_score": self.mask_score,
+                "sequential": self.sequential_calib,
+                "damp": self.damp,
+            },
         }
 
 
@@ -87,9 +111,29 @@ def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths) -> None:
 
 def build_pipeline(options: CompileOptions) -> PassManager:
     passes = canonicalize_passes() + [FindTargets()]
+    calibrated = options.calib is not None and options.pattern is not None
+    if calibrated:
+        passes.append(KeepDenseWeights())
+    if calibrated and options.sequential_calib:
+        passes.append(SequentialCalibration(options.mask_score, options.adaprune, options.damp))
+        return PassManager(passes, given=("calib_batches",))
+    if calibrated:
+        passes += [CollectStatistics(), CalibrationScores(options.mask_score, options.damp)]
     if options.pattern is not None:
         passes.append(NMMask())
-    return PassManager(passes)
+    if calibrated and options.adaprune:
+        passes.append(AdaPrune(options.damp))
+    return PassManager(passes, given=("calib_batches",) if calibrated else ())
+
+
+def calibration_batches(loaded: graphio.LoadedModel, options: CompileOptions):
+    """A callable giving a fresh pass over the calibration batches (validated up front)."""
+    from .calibdata import iter_batches, load_calibration, validate_calibration
+
+    data = load_calibration(options.calib)
+    validate_calibration(loaded.model, data)
+    batches = iter_batches(loaded.model, data, options.calib_batch)
+    return lambda: batches
 
 
 def compile_model(
@@ -101,6 +145,11 @@ def compile_model(
     progress: bool = False,
     transposable: bool = False,
     solver: str = "auto",
+    calib: str | os.PathLike | None = None,
+    calib_batch: int = 32,
+    adaprune: bool = True,
+    mask_score: str | None = None,
+    sequential_calib: bool = False,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -110,8 +159,28 @@ def compile_model(
         raise UserError(f"solver {solver!r}: expected exact, approx or auto")
     if transposable and sequential:
         raise UserError("--transposable and --sequential cannot be combined")
+    if calib_batch < 1:
+        raise UserError("--calib-batch must be at least 1")
+    if mask_score is None:
+        mask_score = MASK_SCORES[0] if calib is not None else "magnitude"
+    if mask_score not in MASK_SCORES:
+        raise UserError(f"--mask-score {mask_score!r}: expected one of {', '.join(MASK_SCORES)}")
+    if mask_score != "magnitude" and calib is None:
+        raise UserError(f"--mask-score {mask_score} needs --calib DATA")
+    if sequential_calib and calib is None:
+        raise UserError("--sequential-calib needs --calib DATA")
     options = CompileOptions(
-        pattern=pattern, sequential=sequential, transposable=transposable, solver=solver, exclude=tuple(exclude), progress=progress
+        pattern=pattern,
+        sequential=sequential,
+        transposable=transposable,
+        solver=solver,
+        exclude=tuple(exclude),
+        progress=progress,
+        calib=str(calib) if calib is not None else None,
+        calib_batch=calib_batch,
+        adaprune=adaprune,
+        mask_score=mask_score,
+        sequential_calib=sequential_calib,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)
@@ -120,6 +189,8 @@ def compile_model(
     check_output_paths(loaded, paths)
 
     ctx = CompileContext(model=loaded, options=options)
+    if options.calib is not None:
+        ctx.artifacts["calib_batches"] = calibration_batches(loaded, options)
     build_pipeline(options)(ctx)
     report = build_report(ctx, model_path)
 
@@ -206,7 +277,20 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "skipped": target.skip,
         }
         row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "fp16")
-        for key in ("retained_l1", "retained_score", "retained_plain_nm", "transposable", "solver", "optimality", "zeros_before"):
+        for key in (
+            "retained_l1",
+            "retained_score",
+            "retained_plain_nm",
+            "transposable",
+            "solver",
+            "optimality",
+            "zeros_before",
+            "existing_pattern",
+            "violations",
+            "reconstruction_error_masked",
+            "reconstruction_error_adaprune",
+            "calibration",
+        ):
             if key in extra:
                 row[key] = extra[key]
         if target.notes:

@@ -30,6 +30,7 @@ class CompileContext:
     artifacts: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)  # per-layer report rows, by layer name
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per layer: terminal only, not the report
 
     def layer(self, name: str) -> dict:
         return self.layers.setdefault(name, {"name": name})
@@ -63,9 +64,9 @@ class Pass:
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass]):
+    def __init__(self, passes: list[Pass], given: tuple[str, ...] = ()):
         self.passes = list(passes)
-        available: set[str] = set()
+        available: set[str] = set(given)
         for p in self.passes:
             missing = [r for r in p.requires if r not in available]
             if missing:

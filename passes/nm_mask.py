@@ -125,6 +125,16 @@ def group_max_nonzeros(weight: np.ndarray, m: int, axis: int) -> int | None:
     return int(nz.sum(axis=1).max())
 
 
+def existing_pattern(weight: np.ndarray, axis: int, ms=(4, 8, 16, 32)) -> tuple[int, int] | None:
+    """The sparsest N:M (M in ms) the weight already follows along axis; None if it follows none."""
+    best = None
+    for m in ms:
+        n = group_max_nonzeros(weight, m, axis)
+        if n is not None and n < m and (best is None or n / m < best[0] / best[1]):
+            best = (n, m)
+    return best
+
+
 def retained_fraction(scores: np.ndarray, keep: np.ndarray) -> float:
     total = float(np.sum(scores, dtype=np.float64))
     return float(np.sum(scores[keep], dtype=np.float64) / total) if total > 0 else 1.0
@@ -150,12 +160,15 @@ class NMMask(Pass):
     requires = ("targets",)
     provides = ("masks",)
 
+    def __init__(self, only=None):
+        self.only = only  # a subset of targets (sequential calibration masks wave by wave)
+
     def run(self, ctx: CompileContext) -> PassResult:
         opts = ctx.options
         pattern = opts.pattern
         masks: dict[str, np.ndarray] = ctx.artifacts.setdefault("masks", {})
         scores_from = ctx.artifacts.get("scores", {})
-        targets = [t for t in ctx.artifacts["targets"] if not t.skip]
+        targets = [t for t in (self.only if self.only is not None else ctx.artifacts["targets"]) if not t.skip]
         changed = False
         for target in ctx.progress(targets, desc="masks"):
             use = target.primary
@@ -188,6 +201,12 @@ class NMMask(Pass):
                         row["optimality"] = tile_optimality_gap(mats.reshape(-1, mats.shape[-1]), mask_m.reshape(-1, mats.shape[-1]), pattern.n, pattern.m)
             zeros_before = int(weight.size - np.count_nonzero(weight))
             zeros_after = int(pruned.size - np.count_nonzero(pruned))
+            if zeros_before:
+                existing = existing_pattern(weight, use.red_axis)
+                if existing is not None:
+                    # converting: weights the old pattern kept that the new one drops
+                    row["existing_pattern"] = f"{existing[0]}:{existing[1]}"
+                    row["violations"] = int(np.count_nonzero((weight != 0) & ~keep))
             if zeros_after != zeros_before:
                 changed = True
                 if view.index_map() is None and view.dq is None:

@@ -36,6 +36,7 @@ class Use:
     red_axis: int  # reduction (input-channel) axis of the effective weight
     out_axis: int  # output-channel axis of the effective weight
     groups: int = 1
+    slot: int = 1  # which node input carries the weight (MatMul may have it on the left)
 
     @property
     def op(self) -> str:
@@ -308,7 +309,7 @@ def _weight_use(node: onnx.NodeProto, index: GraphIndex, loaded):
             return None
         red, out = 1, 0
         groups = attr(node, "group", 1)
-    use = Use(node=node, chain=chain, eff_shape=shape, red_axis=red, out_axis=out, groups=groups)
+    use = Use(node=node, chain=chain, eff_shape=shape, red_axis=red, out_axis=out, groups=groups, slot=slot)
     return weight, use, problem
 
 

@@ -134,9 +134,22 @@ def test_shared_weight_pruned_once(tmp_path):
     assert group_max_nonzeros(stored(out, "shared_w"), 4, 0) == 2
 
 
-def test_shared_weight_with_conflicting_axes_stays_dense(tmp_path):
-    result, _, out = compile_and_check(tmp_path, zoo.shared_weight_model(transposed_second_use=True), expect_dense=["use1"])
-    assert "different axes" in result.report["layers"][0]["skipped"]
+def test_shared_weight_with_conflicting_uses_stays_dense(tmp_path):
+    """One [64, 32] weight: a MatMul reduces it along 64, a 1x1 Conv (through Reshape) along 32."""
+    from onnx import TensorProto, helper
+
+    b = zoo.Builder(0)
+    w = b.weight(64, 32, fan_in=64, name="shared_w")
+    mm = b.node("MatMul", ["x", w], name="mm")
+    kernel = b.node("Reshape", [w, b.const(np.array([64, 32, 1, 1], np.int64))])
+    b.nodes.append(helper.make_node("Conv", ["img", kernel], ["y2"], name="conv", kernel_shape=[1, 1]))
+    b.nodes.append(helper.make_node("Identity", [mm], ["y1"], name="out"))
+    model = b.model(
+        [zoo._vi("x", ["N", 64]), zoo._vi("img", ["N", 32, 4, 4])],
+        [zoo._vi("y1", ["N", 32]), zoo._vi("y2", ["N", 64, 4, 4])],
+    )
+    result, _, out = compile_and_check(tmp_path, model, expect_dense=["mm"])
+    assert "different" in result.report["layers"][0]["skipped"]
     assert np.count_nonzero(stored(out, "shared_w") == 0) == 0
 
 

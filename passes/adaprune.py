@@ -1,0 +1,491 @@
+"""Calibration passes: activation statistics, calibration-aware mask scores, AdaPrune.
+
+The statistics are Gram matrices H = X Xᵀ of each target layer's input (im2col
+patches for Conv) and their means, streamed batch by batch through ONNX Runtime
+(see statistics.py). With them the mask is chosen by the damage a weight's
+removal does to the layer's output, and the surviving weights are re-fitted by
+the exact least-squares solve of the AdaPrune objective, then the bias absorbs
+the shift of the output mean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from nmcompile.graph import GraphIndex, attr
+
+from .adaprune_solver import adaprune_rows, bias_correction, reconstruction_error, saliency
+from .base import CompileContext, Pass, PassResult
+from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node
+from .targets import Target, Use, WeightView
+
+MASK_SCORES = ("obs", "activation", "magnitude")
+
+
+# -- the [rows, reduction] view the solver works on ------------------------------------
+
+
+def row_blocks(eff: np.ndarray, use: Use) -> list[np.ndarray]:
+    """The weight as one (O_g, K_g) matrix per conv group: rows are outputs, columns in im2col order."""
+    if use.op == "Conv":
+        out = eff.shape[0]
+        flat = eff.reshape(out, -1)
+        per = out // use.groups
+        return [flat[g * per : (g + 1) * per] for g in range(use.groups)]
+    return [np.moveaxis(eff, use.out_axis, 0).reshape(eff.shape[use.out_axis], -1)]
+
+
+def from_row_blocks(blocks: list[np.ndarray], use: Use) -> np.ndarray:
+    """Inverse of row_blocks: the effective-layout array."""
+    shape = use.eff_shape
+    if use.op == "Conv":
+        return np.concatenate(blocks, axis=0).reshape(shape)
+    moved = [shape[use.out_axis]] + [d for i, d in enumerate(shape) if i != use.out_axis]
+    return np.moveaxis(blocks[0].reshape(moved), 0, use.out_axis)
+
+
+def calibratable(target: Target) -> str | None:
+    """Why a target cannot be re-fitted from statistics (None: it can)."""
+    use = target.primary
+    if target.transposable and len(target.uses) > 1:
+        return "shared weight read transposed: no single layer input to fit against"
+    if use.op != "Conv" and len(use.eff_shape) != 2:
+        return "batched (3-D or more) MatMul weight"
+    if use.op == "Gemm" and attr(use.node, "transA", 0):
+        return "Gemm with transA"
+    if any(u.eff_shape != use.eff_shape or u.op != use.op for u in target.uses[1:]):
+        return "shared by layers of different shapes"
+    return None
+
+
+def layer_spec(use: Use, name: str) -> LayerSpec:
+    if use.op == "MatMul" and use.slot == 0:  # Y = W X: features on X's second-to-last axis
+        return LayerSpec(name, use.node.input[1], "dense", feature_axis=-2)
+    return spec_from_node(use.node, use.eff_shape, name=name)
+
+
+# -- passes ------------------------------------------------------------------------------
+
+
+class CollectStatistics(Pass):
+    """Gram matrices and means of every calibratable target's input, one streamed pass."""
+
+    name = "collect-statistics"
+    requires = ("targets", "calib_batches")
+    provides = ("stats",)
+
+    def __init__(self, only: list[Target] | None = None):
+        self.only = only
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        targets = self.only if self.only is not None else [t for t in ctx.artifacts["targets"] if not t.skip]
+        specs, owners = [], []
+        for target in targets:
+            reason = calibratable(target)
+            if reason:
+                ctx.layer(target.name)["calibration"] = f"skipped: {reason}"
+                continue
+            for i, use in enumerate(target.uses):
+                specs.append(layer_spec(use, f"{target.name}#{i}"))
+                owners.append((target.name, i))
+        loaded = ctx.model
+        raw = collect_statistics(
+            loaded.model,
+            specs,
+            ctx.artifacts["calib_batches"](),
+            progress=bool(getattr(ctx.options, "progress", False)),
+            base_dir=str(loaded.base_dir),
+            overrides=loaded.overrides(),
+        )
+        stats: dict[str, list[LayerStats]] = ctx.artifacts.setdefault("stats", {})
+        for spec, (name, i) in zip(specs, owners):
+            stats.setdefault(name, [])
+            stats[name].append(raw[spec.name])
+        return PassResult(False)
+
+
+class CalibrationScores(Pass):
+    """Per-weight saliency from the statistics, in the effective layout, for the mask passes."""
+
+    name = "calibration-scores"
+    requires = ("targets", "stats")
+    provides = ("scores",)
+
+    def __init__(self, kind: str = "obs", damp: float = 0.01):
+        self.kind = kind
+        self.damp = damp
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        scores = ctx.artifacts.setdefault("scores", {})
+        if self.kind == "magnitude":
+            return PassResult(False)
+        for target in ctx.artifacts["targets"]:
+            stats = ctx.artifacts["stats"].get(target.name)
+            if target.skip or not stats:
+                continue
+            use = target.primary
+            weight = WeightView(ctx.model, target.weight, use).effective()
+            blocks = row_blocks(weight, use)
+            gram = summed_gram(stats)
+            per_group = [saliency(w, gram[g], self.kind, self.damp).astype(np.float32) for g, w in enumerate(blocks)]
+            scores[target.name] = from_row_blocks(per_group, use)
+        return PassResult(False)
+
+
+def summed_gram(stats: list[LayerStats]) -> np.ndarray:
+    """H of a shared weight is the sum over its uses: the objective adds their output errors."""
+    gram = stats[0].gram
+    for extra in stats[1:]:
+        gram = gram + extra.gram
+    return gram
+
+
+@dataclass
+class FitResult:
+    error_masked: float
+    error_refit: float
+    seconds: float
+
+
+class AdaPrune(Pass):
+    """Re-fit every pruned layer's surviving weights to its dense output, then correct the bias."""
+
+    name = "adaprune"
+    requires = ("targets", "masks", "stats")
+
+    def __init__(self, damp: float = 0.01, only: list[Target] | None = None):
+        self.damp = damp
+        self.only = only
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        targets = self.only if self.only is not None else ctx.artifacts["targets"]
+        dense = ctx.artifacts.get("dense_weights", {})
+        changed = False
+        todo = [t for t in targets if not t.skip and ctx.artifacts["stats"].get(t.name) and t.name in ctx.artifacts["masks"]]
+        for target in ctx.progress(todo, desc="adaprune"):
+            start = time.perf_counter()
+            use = target.primary
+            view = WeightView(ctx.model, target.weight, use)
+            original = dense.get(target.name)
+            if original is None:
+                raise RuntimeError(f"dense weights of {target.name} were not kept for AdaPrune")
+            stats = ctx.artifacts["stats"][target.name]
+            gram = summed_gram(stats)
+            keep_blocks = row_blocks(ctx.artifacts["masks"][target.name], use)
+            w_blocks = row_blocks(original, use)
+            new_blocks, err_masked, err_fit = [], 0.0, 0.0
+            energy = 0.0
+            for g, (w, keep) in enumerate(zip(w_blocks, keep_blocks)):
+                h = gram[g]
+                fitted = adaprune_rows(w.astype(np.float64), keep, h, damp=self.damp)
+                masked = np.where(keep, w, 0.0)
+                base = float(np.einsum("ij,jk,ik->", w, h, w, optimize=True))
+                energy += base
+                err_masked += reconstruction_error(w, masked, h) * base
+                err_fit += reconstruction_error(w, fitted, h) * base
+                new_blocks.append(fitted)
+            new = from_row_blocks(new_blocks, use).astype(np.float32)
+            view.write(new)
+            for i, u in enumerate(target.uses):
+                mean = stats[i].mean
+                delta = np.concatenate(
+                    [bias_correction(w, nb, mean[g]) for g, (w, nb) in enumerate(zip(w_blocks, new_blocks))]
+                )
+                add_to_bias(ctx, u, delta.astype(np.float64))
+            changed = True
+            row = ctx.layer(target.name)
+            row["reconstruction_error_masked"] = err_masked / energy if energy > 0 else 0.0
+            row["reconstruction_error_adaprune"] = err_fit / energy if energy > 0 else 0.0
+            ctx.timings[target.name] = time.perf_counter() - start
+        return PassResult(changed)
+
+
+# -- bias correction ---------------------------------------------------------------------
+
+
+def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
+    """Add delta (one value per output channel) to the layer's bias, creating one where there is none."""
+    if not np.any(delta):
+        return
+    loaded = ctx.model
+    graph = loaded.model.graph
+    index = GraphIndex(graph)
+    node = use.node
+    out_c = delta.shape[0]
+    if node.op_type in ("Conv", "Gemm"):
+        if len(node.input) > 2 and node.input[2] and node.input[2] in index.initializers and len(index.uses(node.input[2])) == 1:
+            bias = np.asarray(loaded.array(node.input[2]))
+            scale = attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+            if bias.size in (1, out_c) and bias.ndim <= 2 and scale != 0:
+                full = np.broadcast_to(bias.reshape(-1), (out_c,)).astype(np.float64) + delta / scale
+                loaded.set_array(node.input[2], full.astype(bias.dtype).reshape((1, out_c) if bias.ndim == 2 else (out_c,)))
+                return
+        if len(node.input) <= 2 or not node.input[2]:
+            name = _fresh(index, f"{node.name}_bias")
+            loaded.add_initializer(name, delta.astype(np.float32))
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = name
+            if node.op_type == "Gemm":
+                from nmcompile.graph import set_attr
+
+                set_attr(node, "beta", 1.0)
+            return
+    else:  # MatMul: a following Add of a constant vector is the bias
+        consumers = index.uses(node.output[0])
+        if len(consumers) == 1 and consumers[0][0].op_type == "Add" and not index.is_graph_output(node.output[0]):
+            add = consumers[0][0]
+            other = add.input[1 - consumers[0][1]]
+            if other in index.initializers and len(index.uses(other)) == 1:
+                bias = np.asarray(loaded.array(other))
+                if bias.shape[-1:] == (out_c,) and bias.size == out_c:
+                    loaded.set_array(other, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
+                    return
+    # No bias to fold into: a new Add after the node.
+    name = _fresh(index, f"{node.name}_bias")
+    loaded.add_initializer(name, delta.astype(np.float32).reshape(_bias_shape(use, out_c)))
+    out = node.output[0]
+    mid = _fresh(index, f"{out}_pre_bias")
+    node.output[0] = mid
+    new_node = onnx.helper.make_node("Add", [mid, name], [out], name=_fresh(index, f"{node.name}_bias_add"))
+    graph.node.insert(_position(graph, node) + 1, new_node)
+
+
+def _bias_shape(use: Use, out_c: int) -> tuple[int, ...]:
+    if use.op == "Conv":
+        return (out_c,) + (1,) * (len(use.eff_shape) - 2)
+    return (out_c,)
+
+
+def _position(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
+    for i, n in enumerate(graph.node):
+        if n.name == node.name and list(n.output) == list(node.output):
+            return i
+    raise RuntimeError(f"node {node.name} not in graph")
+
+
+def _fresh(index: GraphIndex, base: str) -> str:
+    taken = index.initializers | set(index.producer) | set(index.consumers) | {n.name for n in index.graph.node}
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    index.initializers.add(name)
+    return name
+
+
+class KeepDenseWeights(Pass):
+    """Keeps each calibratable target's dense effective weight: AdaPrune fits to the dense outputs."""
+
+    name = "keep-dense-weights"
+    requires = ("targets",)
+    provides = ("dense_weights",)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        kept = ctx.artifacts.setdefault("dense_weights", {})
+        for target in ctx.artifacts["targets"]:
+            if not target.skip and calibratable(target) is None and target.name not in kept:
+                kept[target.name] = WeightView(ctx.model, target.weight, target.primary).effective().copy()
+        return PassResult(False)
+
+
+# -- sequential calibration ----------------------------------------------------------------
+
+
+@dataclass
+class CrossStats:
+    """Statistics of one layer seen from the compressed model (s) and the dense one (d)."""
+
+    gram: np.ndarray  # Σ x_s x_sᵀ (G, K, K)
+    cross: np.ndarray  # Σ x_s x_dᵀ (G, K, K)
+    gram_dense: np.ndarray  # Σ x_d x_dᵀ (G, K, K)
+    mean: np.ndarray  # mean of x_s (G, K)
+    mean_dense: np.ndarray  # mean of x_d (G, K)
+    count: int
+
+
+def _rows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """(G, samples, K) float64 rows of a layer input: im2col patches for conv."""
+    if spec.kind == "conv":
+        from .statistics import im2col
+
+        return im2col(np.asarray(x, dtype=np.float64), spec)
+    moved = np.moveaxis(np.asarray(x, dtype=np.float64), spec.feature_axis, -1)
+    return moved.reshape(1, -1, moved.shape[-1])
+
+
+def collect_cross_statistics(dense_model, dense_overrides, loaded, specs, batches, progress: bool) -> dict[str, CrossStats]:
+    """One pass over the data through the dense and the current model together, for the given layers."""
+    from .statistics import _build_session, graph_input_names
+
+    wanted = list(dict.fromkeys(s.input for s in specs))
+    inputs = set(graph_input_names(loaded.model))
+    internal = [t for t in wanted if t not in inputs]
+    base = str(loaded.base_dir)
+    dense_sess = _build_session(dense_model, internal, base, dense_overrides, True) if internal else (None, None)
+    cur_sess = _build_session(loaded.model, internal, base, loaded.overrides(), True) if internal else (None, None)
+    acc: dict[str, list] = {}
+    iterator = batches
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="calibration (sequential)", leave=False, file=sys.stderr)
+    for batch in iterator:
+        got_d, got_s = dict(batch), dict(batch)
+        for sess, got in ((dense_sess[0], got_d), (cur_sess[0], got_s)):
+            if sess is not None:
+                feed = {i.name: batch[i.name] for i in sess.get_inputs()}
+                got.update(zip(internal, sess.run(internal, feed)))
+        for spec in specs:
+            xs, xd = _rows(got_s[spec.input], spec), _rows(got_d[spec.input], spec)
+            entry = acc.get(spec.name)
+            if entry is None:
+                g, _, k = xs.shape
+                entry = acc[spec.name] = [np.zeros((g, k, k)), np.zeros((g, k, k)), np.zeros((g, k, k)), np.zeros((g, k)), np.zeros((g, k)), 0]
+            entry[0] += np.matmul(xs.transpose(0, 2, 1), xs)
+            entry[1] += np.matmul(xs.transpose(0, 2, 1), xd)
+            entry[2] += np.matmul(xd.transpose(0, 2, 1), xd)
+            entry[3] += xs.sum(axis=1)
+            entry[4] += xd.sum(axis=1)
+            entry[5] += xs.shape[1]
+    return {
+        name: CrossStats(e[0], e[1], e[2], e[3] / max(e[5], 1), e[4] / max(e[5], 1), e[5]) for name, e in acc.items()
+    }
+
+
+def dependency_levels(targets: list[Target], graph: onnx.GraphProto) -> list[list[Target]]:
+    """Targets in waves: each wave's inputs depend only on targets of earlier waves."""
+    index = GraphIndex(graph)
+    node_target = {id(u.node): t.name for t in targets for u in t.uses}
+    upstream: dict[str, set[str]] = {}
+
+    def ancestors(tensor: str, seen: dict[str, set[str]]) -> set[str]:
+        stack, found, visited = [tensor], set(), set()
+        while stack:
+            name = stack.pop()
+            if name in visited:
+                continue
+            visited.add(name)
+            node = index.producer.get(name)
+            if node is None:
+                continue
+            owner = node_target.get(id(node))
+            if owner is not None:
+                found.add(owner)
+            stack.extend(i for i in node.input if i)
+        return found
+
+    for t in targets:
+        upstream[t.name] = set()
+        for u in t.uses:
+            act = u.node.input[1] if (u.op == "MatMul" and u.slot == 0) else u.node.input[0]
+            upstream[t.name] |= ancestors(act, upstream) - {t.name}
+    remaining = list(targets)
+    done: set[str] = set()
+    levels = []
+    while remaining:
+        names = {t.name for t in remaining}
+        wave = [t for t in remaining if not (upstream[t.name] & names)]
+        if not wave:  # a cycle through shared weights: take the rest together
+            wave = remaining
+        levels.append(wave)
+        done |= {t.name for t in wave}
+        remaining = [t for t in remaining if t.name not in done]
+    return levels
+
+
+class SequentialCalibration(Pass):
+    """Layer wave by wave: statistics from the model whose earlier layers are already
+    compressed, fitted to the dense model's outputs (W' x_s ≈ W x_d), so errors do not pile up."""
+
+    name = "sequential-calibration"
+    requires = ("targets", "calib_batches", "dense_weights")
+    provides = ("masks",)
+
+    def __init__(self, mask_score: str, refit: bool, damp: float = 0.01):
+        self.mask_score = mask_score
+        self.refit = refit
+        self.damp = damp
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        from .adaprune_solver import damping
+        from .nm_mask import NMMask
+
+        loaded = ctx.model
+        dense_model = onnx.ModelProto()
+        dense_model.CopyFrom(loaded.model)
+        dense_overrides = loaded.overrides()
+        targets = [t for t in ctx.artifacts["targets"] if not t.skip]
+        fit = [t for t in targets if calibratable(t) is None]
+        for t in targets:
+            if t not in fit:
+                ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
+        ctx.artifacts.setdefault("masks", {})
+        plain = [t for t in targets if t not in fit]
+        if plain:
+            NMMask(only=plain).run(ctx)
+        levels = dependency_levels(fit, loaded.model.graph)
+        for wave in ctx.progress(levels, desc="layer waves"):
+            specs = [layer_spec(u, f"{t.name}#{i}") for t in wave for i, u in enumerate(t.uses)]
+            stats = collect_cross_statistics(dense_model, dense_overrides, loaded, specs, ctx.artifacts["calib_batches"](), False)
+            scores = ctx.artifacts.setdefault("scores", {})
+            targets_w = {}
+            for t in wave:
+                use = t.primary
+                per_use = [stats[f"{t.name}#{i}"] for i in range(len(t.uses))]
+                gram = sum(s.gram for s in per_use)
+                cross = sum(s.cross for s in per_use)
+                blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], use)
+                # W̃ with H W̃ᵀ = C Wᵀ: fitting W̃ on x_s reproduces W on x_d
+                wt = []
+                for g, w in enumerate(blocks):
+                    lam = damping(gram[g], self.damp)
+                    hd = gram[g] + lam * np.eye(gram[g].shape[0])
+                    wt.append(np.linalg.solve(hd, cross[g] @ w.T.astype(np.float64)).T)
+                targets_w[t.name] = (wt, per_use)
+                if self.mask_score != "magnitude":
+                    sal = [saliency(w, gram[g], self.mask_score, self.damp).astype(np.float32) for g, w in enumerate(wt)]
+                    scores[t.name] = from_row_blocks(sal, use)
+            NMMask(only=wave).run(ctx)
+            if not self.refit:
+                continue
+            for t in wave:
+                start = time.perf_counter()
+                use = t.primary
+                wt, per_use = targets_w[t.name]
+                gram = sum(s.gram for s in per_use)
+                dense_blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], use)
+                keep_blocks = row_blocks(ctx.artifacts["masks"][t.name], use)
+                new_blocks = [adaprune_rows(w, k, gram[g], damp=self.damp) for g, (w, k) in enumerate(zip(wt, keep_blocks))]
+                WeightView(loaded, t.weight, use).write(from_row_blocks(new_blocks, use).astype(np.float32))
+                for i, u in enumerate(t.uses):
+                    s = per_use[i]
+                    delta = np.concatenate(
+                        [w @ s.mean_dense[g] - nb @ s.mean[g] for g, (w, nb) in enumerate(zip(dense_blocks, new_blocks))]
+                    )
+                    add_to_bias(ctx, u, delta.astype(np.float64))
+                err_m, err_f, energy = 0.0, 0.0, 0.0
+                for g, (w, nb, k) in enumerate(zip(dense_blocks, new_blocks, keep_blocks)):
+                    hs = gram[g]
+                    c = sum(s.cross for s in per_use)[g]
+                    hdn = sum(s.gram_dense for s in per_use)[g]
+                    base = float(np.einsum("ij,jk,ik->", w, hdn, w))
+                    masked = np.where(k, w, 0.0)
+                    for new, bucket in ((masked, "m"), (nb, "f")):
+                        e = base - 2 * float(np.einsum("ij,kj,ik->", new, c, w)) + float(np.einsum("ij,jk,ik->", new, hs, new))
+                        if bucket == "m":
+                            err_m += e
+                        else:
+                            err_f += e
+                    energy += base
+                row = ctx.layer(t.name)
+                row["reconstruction_error_masked"] = err_m / energy if energy > 0 else 0.0
+                row["reconstruction_error_adaprune"] = err_f / energy if energy > 0 else 0.0
+                ctx.timings[t.name] = time.perf_counter() - start
+        return PassResult(True)

@@ -1,0 +1,686 @@
+"""AdaPrune: re-fit the surviving weights of a pruned layer by least squares.
+
+The problem, for one layer (or one group of a grouped convolution)::
+
+    W   (O, K)  dense weights, rows = outputs. For a conv weight [O, C/G, kh, kw]
+                of one group this is ``W.reshape(O, -1)`` (channel-major, then kh, kw)
+    S   (O, K)  bool mask, True = the weight survives
+    H   (K, K)  Gram matrix of the layer's inputs on calibration data, H = X Xᵀ
+                (X is (K, samples); see ``nmcompile.passes.statistics``)
+
+    minimise over W':   ‖W X − (S ⊙ W') X‖²  =  Σ_rows (w − w') H (w − w')ᵀ
+
+Rows are independent. For a row with support ``s`` (kept) and ``p`` (pruned) write
+``w' = w_s + δ`` on ``s`` and ``e = w ⊙ ¬S`` (the pruned part of the row). The
+optimum solves the small system ``H_ss δ = (H e)_s`` (equivalently
+``w'_s = H_ss⁻¹ (H w)_s``).
+
+Damping. Every solver here uses ``Hd = H + λI`` with ``λ = damp · mean(diag H)``
+(``damp`` defaults to 0.01, SparseGPT's default). In the δ form above this is the
+exact minimiser of ``(w − w') H (w − w')ᵀ + λ ‖w − w'‖²``: it shrinks the update
+toward the plain masked weights (not toward zero, as damping ``H_ss`` in the
+``H_ss⁻¹ (H w)_s`` form would), it keeps the systems positive definite when inputs
+are dead (ReLU) or there are fewer samples than features, and it is the same
+objective as the OBS / SparseGPT update below, so all solvers agree on what they
+minimise. ``damp=0`` gives the undamped least-squares optimum (equal to
+``np.linalg.lstsq`` on the explicit X when ``H_ss`` is non-singular).
+
+Solvers:
+
+* ``adaprune_rows(..., method="direct")``: one dense solve per row, stacked:
+  rows with the same support size (every row of an N:M mask) are solved in batches
+  of (B, s, s) systems. Exact; costs ~ (2/3)·O·s³ flops, fine up to s ≈ 1000.
+* ``adaprune_rows(..., method="cg")``: the same optimum by conjugate gradients run
+  on all rows at once: one (O, K) × (K, K) product per iteration, per-row step
+  sizes, converged per row to a relative objective tolerance (default 1e-7), warm
+  started from the OBS update. Costs ~ iterations · 2·O·K² flops; wins for large K.
+* ``method="auto"`` picks between them from a flop estimate.
+* ``obs_prune_update``: SparseGPT's column sweep with one shared factorisation of
+  H⁻¹ (upper Cholesky factor), fixed mask. Cheap (K³ + 2·O·K²) but not the exact
+  optimum: a weight only compensates with the columns to its right.
+* ``sparsegpt_mask_and_update``: the same sweep choosing each N:M group's mask on
+  the fly (SparseGPT's N:M mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+import scipy.linalg
+
+__all__ = [
+    "damping",
+    "adaprune_rows",
+    "obs_prune_update",
+    "sparsegpt_mask_and_update",
+    "saliency",
+    "nm_mask_from_scores",
+    "best_group_mask_exact",
+    "reconstruction_error",
+    "bias_correction",
+    "inverse_cholesky_upper",
+    "top_eigenpairs",
+    "parallel_matmul",
+    "blas_single_thread",
+    "cpu_workers",
+]
+
+# Byte budget for the stacked (B, s, s) systems of the direct solver.
+_DIRECT_BATCH_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check(W: np.ndarray, H: np.ndarray, mask: np.ndarray | None = None) -> None:
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (O, K), got shape {W.shape}")
+    K = W.shape[1]
+    if H.shape != (K, K):
+        raise ValueError(f"H must be ({K}, {K}) for W of shape {W.shape}, got {H.shape}")
+    if mask is not None and mask.shape != W.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from W shape {W.shape}")
+
+
+def _out_dtype(W: np.ndarray) -> np.dtype:
+    return W.dtype if np.issubdtype(W.dtype, np.floating) else np.dtype(np.float64)
+
+
+def damping(H: np.ndarray, damp: float) -> float:
+    """λ = damp · mean(diag H). Zero when H is zero (nothing to fit)."""
+    if damp < 0:
+        raise ValueError("damp must be >= 0")
+    d = float(np.mean(np.diag(H))) if H.size else 0.0
+    return damp * d if d > 0 else 0.0
+
+
+def _damped(H: np.ndarray, damp: float) -> np.ndarray:
+    Hd = np.array(H, dtype=np.float64, copy=True)
+    lam = damping(Hd, damp)
+    Hd[np.diag_indices_from(Hd)] += lam
+    # Dead inputs (zero variance) with damp=0: their weights cannot matter to the
+    # output; a unit diagonal keeps the factorisations defined (SparseGPT does this).
+    dead = np.diag(Hd) <= 0
+    if dead.any():
+        Hd[dead, dead] = 1.0
+    return Hd
+
+
+def inverse_cholesky_upper(Hd: np.ndarray) -> np.ndarray:
+    """Upper triangular U with ``Hd⁻¹ = Uᵀ U`` (SparseGPT's ``Hinv``).
+
+    Computed as J·inv(chol(J Hd J))·J with J the reversal permutation: one Cholesky
+    and one triangular inverse (≈ 2/3 K³ flops) instead of SparseGPT's Cholesky,
+    inverse and second Cholesky. Row i of U, divided by U[i, i], is the OBS
+    compensation direction of column i given that columns < i are frozen, and
+    U[i, i]² = [H_F⁻¹]_ii for F = {i, …, K−1}.
+    """
+    Hr = np.ascontiguousarray(Hd[::-1, ::-1])
+    try:
+        L = scipy.linalg.cholesky(Hr, lower=True, overwrite_a=True, check_finite=False)
+    except np.linalg.LinAlgError as e:  # pragma: no cover - message only
+        raise np.linalg.LinAlgError(
+            "Gram matrix is not positive definite; use damp > 0") from e
+    Linv, info = scipy.linalg.lapack.dtrtri(L, lower=1, overwrite_c=1)
+    if info != 0:  # pragma: no cover
+        raise np.linalg.LinAlgError(f"triangular inverse failed (info={info})")
+    return np.ascontiguousarray(Linv[::-1, ::-1])
+
+
+# --------------------------------------------------------------------------- AdaPrune
+
+
+def adaprune_rows(
+    W: np.ndarray,
+    mask: np.ndarray,
+    H: np.ndarray,
+    damp: float = 0.01,
+    method: Literal["auto", "direct", "cg"] = "auto",
+    tol: float = 1e-6,
+    max_iter: int = 500,
+    x0: np.ndarray | None = None,
+    info: dict | None = None,
+) -> np.ndarray:
+    """Exact AdaPrune re-fit: the optimum of ``Σ_rows (w−w')Hd(w−w')ᵀ`` over ``w'``
+    supported on ``mask`` (``Hd = H + damp·mean(diag H)·I``).
+
+    Returns ``W'`` with the dtype of W (float64 for non-float W), zero off the mask.
+    ``method``: "direct" (stacked dense solves, exact to rounding), "cg" (conjugate
+    gradients over all rows, converged until one step lowers a row's objective by
+    less than ``tol`` of it; started from ``x0`` or the masked weights), "auto"
+    (whichever the flop estimate says is cheaper). If ``info`` is a dict it
+    receives ``method`` and, for CG, ``iterations`` and ``row_iterations`` (the
+    number of row products, i.e. the work done).
+    """
+    W = np.asarray(W)
+    mask = np.asarray(mask, dtype=bool)
+    H = np.asarray(H)
+    _check(W, H, mask)
+    out_dtype = _out_dtype(W)
+    O, K = W.shape
+    if O == 0 or K == 0:
+        return np.zeros(W.shape, out_dtype)
+    W64 = W.astype(np.float64)
+    lam = damping(H, damp)
+    if np.all(mask):
+        return W64.astype(out_dtype)
+    if lam == 0.0 and not np.any(H):
+        # No signal: every W' gives zero error; keep the masked weights.
+        return (W64 * mask).astype(out_dtype)
+    if method == "auto":
+        method = _choose_method(mask, K)
+    if info is not None:
+        info["method"] = method
+    if method == "direct":
+        Wn = _direct(W64, mask, H, lam)
+    elif method == "cg":
+        Wn = _cg(W64, mask, H, damp, lam, tol, max_iter, x0, info)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return Wn.astype(out_dtype, copy=False)
+
+
+def _choose_method(mask: np.ndarray, K: int) -> str:
+    sizes = mask.sum(axis=1)
+    direct_flops = float(np.sum(sizes.astype(np.float64) ** 3)) * (2.0 / 3.0)
+    # CG: ~2·K² flops per row and iteration; with the OBS warm start and the
+    # default damping 30–80 iterations are typical. LAPACK on many small systems
+    # runs at ~1/3 of GEMM speed, hence the factor 3 on the direct side.
+    cg_flops = mask.shape[0] * 2.0 * K * K * 60 + (2.0 / 3.0) * K**3
+    return "direct" if 3.0 * direct_flops <= cg_flops else "cg"
+
+
+def cpu_workers() -> int:
+    """Cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_CONTROLLER = None
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """Limit BLAS/LAPACK to one thread while we parallelise over threads ourselves.
+
+    Measured on the shared 2-core machine this was written on: OpenBLAS's own
+    threading collapses when the cores are busy (a 147×25088 SYRK took 0.6 s
+    instead of 0.03 s; 384×384 solves 59 ms instead of 1.6 ms), while one
+    single-threaded BLAS call per worker thread degrades gracefully and matches
+    it on idle cores. No-op without threadpoolctl."""
+    global _CONTROLLER
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - optional dependency
+        yield
+        return
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    with _CONTROLLER.limit(limits=1, user_api="blas"):
+        yield
+
+
+def parallel_matmul(A: np.ndarray, B: np.ndarray, out: np.ndarray | None = None,
+                    workers: int | None = None) -> np.ndarray:
+    """``A @ B`` with the rows of A split over worker threads, each running
+    single-threaded BLAS (see ``blas_single_thread``)."""
+    n = A.shape[0]
+    nw = min(workers or cpu_workers(), max(1, n // 32))
+    if out is None:
+        out = np.empty((n, B.shape[1]), dtype=np.result_type(A, B))
+    if nw <= 1:
+        with blas_single_thread():
+            return np.matmul(A, B, out=out)
+    bounds = np.linspace(0, n, nw + 1).astype(int)
+
+    def part(i):
+        np.matmul(A[bounds[i]:bounds[i + 1]], B, out=out[bounds[i]:bounds[i + 1]])
+
+    with blas_single_thread(), ThreadPoolExecutor(nw) as ex:
+        list(ex.map(part, range(nw)))
+    return out
+
+
+def _direct(W: np.ndarray, mask: np.ndarray, H: np.ndarray, lam: float) -> np.ndarray:
+    O, K = W.shape
+    H = np.ascontiguousarray(H, dtype=np.float64)
+    E = np.where(mask, 0.0, W)  # pruned part of each row
+    rhs_full = parallel_matmul(E, H)  # (O, K): row r's right-hand side is rhs_full[r, s_r]
+    out = np.where(mask, W, 0.0)
+    sizes = mask.sum(axis=1)
+    nw = cpu_workers()
+    tasks = []
+    for s in np.unique(sizes):
+        s = int(s)
+        if s == 0:
+            continue
+        rows = np.flatnonzero(sizes == s)
+        B = max(1, min(-(-len(rows) // nw), _DIRECT_BATCH_BYTES // (nw * 8 * s * s)))
+        tasks += [(s, rows[b0:b0 + B]) for b0 in range(0, len(rows), B)]
+
+    def solve(task):
+        s, r = task
+        # support indices of these rows, (b, s), ascending
+        ix = np.nonzero(mask[r])[1].reshape(len(r), s)
+        A = H[ix[:, :, None], ix[:, None, :]]  # (b, s, s) gather
+        if lam:
+            A += lam * np.eye(s)
+        rhs = np.take_along_axis(rhs_full[r], ix, axis=1)  # (b, s)
+        try:
+            delta = np.linalg.solve(A, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            # singular (damp=0 with dead or collinear inputs): minimum-norm
+            # least squares per row
+            delta = np.stack([np.linalg.lstsq(A[j], rhs[j], rcond=None)[0]
+                              for j in range(len(r))])
+        rowblock = out[r]  # fancy indexing: a copy, written back below
+        cur = np.take_along_axis(rowblock, ix, axis=1)
+        np.put_along_axis(rowblock, ix, cur + delta, axis=1)
+        out[r] = rowblock  # row sets of the tasks are disjoint
+
+    with blas_single_thread():
+        if nw == 1 or len(tasks) == 1:
+            for t in tasks:
+                solve(t)
+        else:
+            with ThreadPoolExecutor(nw) as ex:
+                list(ex.map(solve, tasks))
+    return out
+
+
+def top_eigenpairs(H: np.ndarray, k: int, power_iters: int = 2, oversample: int = 16,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-``k`` eigenpairs (ascending values, (K, k) vectors) of the
+    symmetric PSD ``H`` by randomized subspace iteration: ~2(2q+1)·K²·(k+p) flops."""
+    K = H.shape[0]
+    k = min(k, K)
+    rng = np.random.default_rng(seed)
+    Y = parallel_matmul(H, rng.standard_normal((K, min(K, k + oversample))))
+    for _ in range(power_iters):
+        Y, _ = np.linalg.qr(Y)
+        Y = parallel_matmul(H, Y)
+    Q, _ = np.linalg.qr(Y)
+    ev, U = np.linalg.eigh(Q.T @ parallel_matmul(H, Q))
+    return ev[-k:], Q @ U[:, -k:]
+
+
+def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None):
+    """Preconditioned CG on all rows at once.
+
+    Unknown D = W' − S⊙W (zero off the mask); operator A(V) = S ⊙ (V Hd); right-hand
+    side b = S ⊙ (E H) with E = W ⊙ ¬S. The product V·H, the only O(O·K²) step, is
+    done in float32 (vectors, step sizes and the stopping test stay float64: the
+    objective's excess over the optimum stays ~1e-6 relative, measured); a
+    ``tol`` below 1e-9 switches the product to float64.
+
+    Preconditioner: per row the restriction to its support of M = D + V Λ Vᵀ,
+    where V Λ Vᵀ is H's top-``rank`` eigen-part (randomized) and D the rest of the
+    diagonal, applied by the Woodbury identity with one (rank × rank) matrix per
+    row. On decaying spectra it cuts iterations ~2.5× against Jacobi
+    (768×3072, 2:4: 60 → 25 at rank 32).
+
+    Rows leave the active set when their last step lowered their objective
+    (w−w')Hd(w−w')ᵀ by less than ``tol`` times its value.
+    """
+    O, K = W.shape
+    H = np.asarray(H, dtype=np.float64)
+    # float32 products unless the caller asks for more than they can deliver
+    H32 = H.astype(np.float32) if tol >= 1e-9 else None
+    Sf = mask.astype(np.float64)
+    E = W * (1.0 - Sf)
+    EH = parallel_matmul(E, H)
+    Bm = Sf * EH
+    c = np.einsum("ij,ij->i", EH, E) + lam * np.einsum("ij,ij->i", E, E)
+    del EH
+    if x0 is None:
+        D = np.zeros_like(W)
+    else:
+        D = Sf * (np.asarray(x0, dtype=np.float64) - W)  # on the support
+
+    d = np.diag(H) + lam
+    if rank is None:
+        rank = 32 if K >= 256 else 0
+    rank = min(rank, K // 4)
+    if rank > 0:
+        ev, V = top_eigenpairs(H, rank)
+        keep = ev > 1e-12 * max(float(ev[-1]), 1e-300)
+        ev, V = ev[keep], V[:, keep]
+        rank = ev.size
+    if rank > 0:
+        Dres = d - (V * V) @ ev
+        Dres = np.maximum(Dres, max(lam, 1e-12 * float(d.max())))
+        Dinv = 1.0 / Dres
+        V2 = (V[:, :, None] * V[:, None, :]).reshape(K, rank * rank)
+        Mk = parallel_matmul(Sf * Dinv, V2).reshape(O, rank, rank)
+        del V2
+        Mk[:, np.arange(rank), np.arange(rank)] += 1.0 / ev
+        Mkinv = np.linalg.inv(Mk)
+        del Mk
+
+        def precond(R, Sl, Ml):
+            Z = R * Dinv
+            t = np.matmul(Ml, (Z @ V)[:, :, None])[:, :, 0]
+            Z -= Sl * Dinv * (t @ V.T)
+            return Z
+    else:
+        Dinv = 1.0 / np.maximum(d, 1e-300)
+        Mkinv = np.zeros((O, 0, 0))
+
+        def precond(R, Sl, Ml):
+            return R * Dinv
+
+    def Aop(P, Sl):
+        if H32 is None:
+            HP = parallel_matmul(P, H)
+        else:
+            HP = parallel_matmul(P.astype(np.float32), H32).astype(np.float64)
+        HP += lam * P
+        HP *= Sl
+        return HP
+
+    # Work on compacted copies of the active rows; converged rows are written back.
+    Dfull = D
+    rows = np.arange(O)
+    Sl, Bl, cl, Ml = Sf, Bm, c, Mkinv
+    R = Bl - Aop(D, Sl)
+    Z = precond(R, Sl, Ml)
+    P = Z.copy()
+    rz = np.einsum("ij,ij->i", R, Z)
+    it = work = 0
+    live = rz > 0
+    for it in range(1, max_iter + 2):
+        if not live.all():
+            Dfull[rows[~live]] = D[~live]
+            rows = rows[live]
+            D, R, P, rz = D[live], R[live], P[live], rz[live]
+            Sl, Bl, cl, Ml = Sl[live], Bl[live], cl[live], Ml[live]
+        if rows.size == 0 or it > max_iter:
+            it -= 1
+            break
+        work += rows.size
+        AP = Aop(P, Sl)
+        pAp = np.einsum("ij,ij->i", P, AP)
+        ok = pAp > 0
+        alpha = np.where(ok, rz / np.where(ok, pAp, 1.0), 0.0)
+        D += alpha[:, None] * P
+        R -= alpha[:, None] * AP
+        del AP
+        decrease = alpha * rz  # decrease of the row objective f = c − 2bδ + δAδ
+        f = cl - np.einsum("ij,ij->i", Bl + R, D)
+        Z = precond(R, Sl, Ml)
+        rz_new = np.einsum("ij,ij->i", R, Z)
+        P *= (rz_new / np.where(rz > 0, rz, 1.0))[:, None]
+        P += Z
+        del Z
+        rz = rz_new
+        live = ok & (decrease > tol * np.maximum(f, 0.0)) & (rz_new > 0)
+    if rows.size:
+        Dfull[rows] = D
+    D = Dfull
+    if info is not None:
+        info["iterations"] = it
+        info["row_iterations"] = work
+        info["rank"] = rank
+    return W * Sf + D
+
+
+# --------------------------------------------------------------------------- OBS / SparseGPT
+
+
+def _sweep(W, H, damp, blocksize, mask=None, n=None, m=None):
+    """SparseGPT column sweep. Fixed ``mask`` or, when ``mask`` is None, N:M
+    selection per group of ``m`` columns. Returns (mask, W_new) in float64."""
+    O, K = W.shape
+    Wc = np.array(W, dtype=np.float64, copy=True)
+    U = inverse_cholesky_upper(_damped(H, damp))
+    select = mask is None
+    if select:
+        mask = np.ones((O, K), dtype=bool)
+        blocksize = max(m, (blocksize // m) * m)  # groups never straddle blocks
+    else:
+        mask = np.asarray(mask, dtype=bool)
+    diag = np.diag(U).copy()
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = Wc[:, i1:i2].copy()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = np.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if select and col % m == 0:
+                g2 = min(col + m, K) - i1
+                width = g2 - i
+                prune = width - min(n, width)
+                if prune > 0:
+                    score = W1[:, i:g2] ** 2 / diag[col:col + width] ** 2
+                    drop = np.argpartition(score, prune - 1, axis=1)[:, :prune]
+                    blockmask = np.ones((O, width), dtype=bool)
+                    np.put_along_axis(blockmask, drop, False, axis=1)
+                    mask[:, col:col + width] = blockmask
+            keep = mask[:, col]
+            if keep.all():
+                continue
+            w = W1[:, i]
+            err = np.where(keep, 0.0, w) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            W1[~keep, i] = 0.0
+            Err1[:, i] = err
+        Wc[:, i1:i2] = W1
+        if i2 < K:
+            Wc[:, i2:] -= parallel_matmul(Err1, U[i1:i2, i2:])
+    Wc[~mask] = 0.0
+    return mask, Wc
+
+
+def _row_errors(W: np.ndarray, Wn: np.ndarray, H: np.ndarray) -> np.ndarray:
+    D = W - Wn
+    return np.einsum("ij,ij->i", parallel_matmul(D, H), D)
+
+
+def _keep_better_rows(W, mask, Wn, H):
+    """Per row, the masked weights where they beat the sweep's result. The sweep
+    freezes each column once passed, so its result is *not* always better than
+    plain masking (measured: 14 of 300 random small layers at damp=0.01, up to
+    1.2× worse; 45/300 and 31× worse undamped)."""
+    H = np.asarray(H, dtype=np.float64)
+    Wm = np.where(mask, W, 0.0)
+    worse = _row_errors(W, Wn, H) > _row_errors(W, Wm, H)
+    if worse.any():
+        Wn[worse] = Wm[worse]
+    return Wn
+
+
+def obs_prune_update(W: np.ndarray, mask: np.ndarray, H: np.ndarray,
+                     damp: float = 0.01, blocksize: int = 128,
+                     safeguard: bool = True) -> np.ndarray:
+    """SparseGPT/OBS update for a fixed mask: columns left to right, each pruned
+    weight's error is compensated on the columns to its right through one shared
+    upper Cholesky factor of Hd⁻¹. Cheaper than the exact solve (≈ (2/3)K³ +
+    2·O·K² flops) but not its optimum, and — because passed columns are frozen —
+    not always better than plain masking: with ``safeguard`` (default) rows where
+    plain masking has the lower error on H keep the masked weights (two more
+    O×K×K products). Equal to ``adaprune_rows`` when every pruned column lies
+    left of every kept one."""
+    W = np.asarray(W)
+    mask = np.asarray(mask, dtype=bool)
+    H = np.asarray(H)
+    _check(W, H, mask)
+    if W.size == 0:
+        return np.zeros(W.shape, _out_dtype(W))
+    Wn = _sweep(W, H, damp, blocksize, mask=mask)[1]
+    if safeguard:
+        Wn = _keep_better_rows(W.astype(np.float64), mask, Wn, H)
+    return Wn.astype(_out_dtype(W), copy=False)
+
+
+def sparsegpt_mask_and_update(W: np.ndarray, H: np.ndarray, n: int, m: int,
+                              damp: float = 0.01, blocksize: int = 128,
+                              safeguard: bool = True
+                              ) -> tuple[np.ndarray, np.ndarray]:
+    """SparseGPT N:M: while sweeping, at the first column of each group of ``m``
+    consecutive input columns keep the ``n`` weights with the largest
+    ``w² / [H_F⁻¹]_ii`` (current, already compensated weights), then prune and
+    compensate as in ``obs_prune_update`` (``safeguard`` likewise, against plain
+    masking with the chosen mask). A trailing partial group of r < m columns
+    keeps min(n, r). Returns (mask, W_new)."""
+    W = np.asarray(W)
+    H = np.asarray(H)
+    _check(W, H)
+    _check_nm(n, m)
+    if W.size == 0:
+        return np.zeros(W.shape, bool), np.zeros(W.shape, _out_dtype(W))
+    mask, Wn = _sweep(W, H, damp, blocksize, n=n, m=m)
+    if safeguard:
+        Wn = _keep_better_rows(W.astype(np.float64), mask, Wn, H)
+    return mask, Wn.astype(_out_dtype(W), copy=False)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _check_nm(n: int, m: int) -> None:
+    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))
+            and 0 < n <= m):
+        raise ValueError(f"invalid N:M pattern {n}:{m}")
+
+
+def saliency(W: np.ndarray, H: np.ndarray | None = None,
+             kind: Literal["magnitude", "activation", "obs"] = "magnitude",
+             damp: float = 0.01) -> np.ndarray:
+    """Per-weight importance (higher = keep), shape of W.
+
+    magnitude  |w|
+    activation |w| · sqrt(diag H)       (Wanda; the output energy the weight carries)
+    obs        w² / [Hd⁻¹]_ii           (Optimal Brain Surgeon: error of removing
+                                         the weight alone with full compensation)
+    """
+    W = np.asarray(W)
+    if kind == "magnitude":
+        return np.abs(W).astype(np.float64)
+    if H is None:
+        raise ValueError(f"saliency {kind!r} needs the Gram matrix H")
+    _check(W, np.asarray(H))
+    if kind == "activation":
+        return np.abs(W) * np.sqrt(np.maximum(np.diag(H), 0.0))
+    if kind == "obs":
+        Hd = _damped(H, damp)
+        c, low = scipy.linalg.cho_factor(Hd, lower=True, check_finite=False)
+        hinv_diag = np.diag(scipy.linalg.cho_solve((c, low), np.eye(Hd.shape[0]),
+                                                   check_finite=False))
+        return W.astype(np.float64) ** 2 / hinv_diag
+    raise ValueError(f"unknown saliency kind {kind!r}")
+
+
+def nm_mask_from_scores(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Keep the ``n`` highest-scoring entries of each group of ``m`` consecutive
+    columns (axis 1); ties go to the lower index. A trailing partial group of
+    r < m columns keeps min(n, r)."""
+    _check_nm(n, m)
+    scores = np.asarray(scores)
+    O, K = scores.shape
+    mask = np.zeros((O, K), dtype=bool)
+    full = (K // m) * m
+    if full:
+        g = scores[:, :full].reshape(O, K // m, m)
+        order = np.argsort(-g, axis=2, kind="stable")[:, :, :n]
+        mg = np.zeros(g.shape, dtype=bool)
+        np.put_along_axis(mg, order, True, axis=2)
+        mask[:, :full] = mg.reshape(O, full)
+    if full < K:
+        t = scores[:, full:]
+        keep = min(n, K - full)
+        order = np.argsort(-t, axis=1, kind="stable")[:, :keep]
+        mt = np.zeros(t.shape, dtype=bool)
+        np.put_along_axis(mt, order, True, axis=1)
+        mask[:, full:] = mt
+    return mask
+
+
+def best_group_mask_exact(W: np.ndarray, H: np.ndarray, n: int, m: int,
+                          damp: float = 0.01,
+                          local: Literal["hinv", "h", "nocomp"] = "hinv") -> np.ndarray:
+    """For each group of ``m`` input columns (K % m == 0) try all C(m, n) keep sets
+    and take the one with the least error under a group-local model:
+
+    hinv    w_p [(Hd⁻¹)_pp]⁻¹ w_pᵀ  — removing the group's pruned set p with full
+            compensation by every other weight of the row (groups treated as
+            independent). The block of the full inverse: the default.
+    h       same with (H_GG)⁻¹ (block-diagonal H: compensation inside the group only)
+    nocomp  w_p H_pp w_pᵀ (no compensation; block-diagonal output error)
+    """
+    _check_nm(n, m)
+    W = np.asarray(W, dtype=np.float64)
+    H = np.asarray(H)
+    _check(W, H)
+    O, K = W.shape
+    if K % m:
+        raise ValueError(f"K={K} is not a multiple of m={m}")
+    if n == m:
+        return np.ones((O, K), dtype=bool)
+    G = K // m
+    Hd = _damped(H, damp)
+    gi = np.arange(K).reshape(G, m)
+    if local == "hinv":
+        c = scipy.linalg.cho_factor(Hd, lower=True, check_finite=False)
+        Hinv = scipy.linalg.cho_solve(c, np.eye(K), check_finite=False)
+        blocks = Hinv[gi[:, :, None], gi[:, None, :]]
+    elif local == "h":
+        blocks = np.linalg.inv(Hd[gi[:, :, None], gi[:, None, :]])
+    elif local == "nocomp":
+        blocks = Hd[gi[:, :, None], gi[:, None, :]]
+    else:
+        raise ValueError(f"unknown local model {local!r}")
+    Wg = W.reshape(O, G, m)
+    combos = list(itertools.combinations(range(m), n))
+    best = np.full((O, G), np.inf)
+    best_c = np.zeros((O, G), dtype=np.int64)
+    for ci, keep in enumerate(combos):
+        p = np.array([j for j in range(m) if j not in keep])
+        Bpp = blocks[:, p[:, None], p[None, :]]  # (G, q, q)
+        Q = Bpp if local == "nocomp" else np.linalg.inv(Bpp)
+        wp = Wg[:, :, p]  # (O, G, q)
+        err = np.einsum("ogi,gij,ogj->og", wp, Q, wp, optimize=True)
+        better = err < best
+        best = np.where(better, err, best)
+        best_c = np.where(better, ci, best_c)
+    table = np.zeros((len(combos), m), dtype=bool)
+    for ci, keep in enumerate(combos):
+        table[ci, list(keep)] = True
+    return table[best_c].reshape(O, K)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
+    """Relative output error ‖(W − W')X‖² / ‖W X‖² = tr(D H Dᵀ) / tr(W H Wᵀ),
+    D = W − W'. Zero when ‖W X‖ is zero and D H Dᵀ is too; inf if only ‖W X‖ is."""
+    W = np.asarray(W, dtype=np.float64)
+    Wn = np.asarray(W_new, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
+    _check(W, H, Wn)
+    D = W - Wn
+    num = float(np.einsum("ij,ij->", parallel_matmul(D, H), D))
+    den = float(np.einsum("ij,ij->", parallel_matmul(W, H), W))
+    if den <= 0:
+        return 0.0 if num <= 0 else math.inf
+    return max(num, 0.0) / den
+
+
+def bias_correction(W: np.ndarray, W_new: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """Bias shift (O,) that keeps each output's calibration mean: (W − W') @ mean_x.
+    Add it to the layer's bias."""
+    W = np.asarray(W, dtype=np.float64)
+    Wn = np.asarray(W_new, dtype=np.float64)
+    mean_x = np.asarray(mean_x, dtype=np.float64)
+    if W.shape != Wn.shape or mean_x.shape != (W.shape[1],):
+        raise ValueError("shapes: W (O, K), W_new (O, K), mean_x (K,)")
+    return (W - Wn) @ mean_x

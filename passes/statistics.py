@@ -1,0 +1,671 @@
+"""Streamed activation statistics (Gram matrices and means) through ONNX Runtime.
+
+For every target layer we need the Gram matrix ``H = Σ x xᵀ`` and the mean of the
+vectors ``x`` the layer's weight multiplies:
+
+* dense (MatMul / Gemm): ``x`` runs along ``feature_axis`` of the layer's input
+  tensor; every other axis is flattened into samples (batch, sequence, ...).
+* conv: ``x`` is one im2col patch: for output position (n, oh, ow) and group g,
+  the input values ``xpad[n, g·Cg + c, oh·s + kh·d, ow·s + kw·d]`` in the order
+  c, kh, kw — exactly the column order of ``W.reshape(O, -1)`` for a weight
+  W [O, C/G, kh, kw]. Zero padding is part of the patch (it is what the conv
+  multiplies), so ``W_g.reshape(O/G, -1) @ patch`` is the conv output.
+
+How it runs: a copy of the graph is made that keeps only the nodes needed to
+compute the layers' input tensors and lists those tensors as its outputs. Large
+initializers are not copied into it: they become external-data placeholders whose
+memory is handed to ONNX Runtime as OrtValues wrapping numpy arrays
+(``SessionOptions.add_external_initializers``), so ORT reads them in place. One
+CPU InferenceSession runs batch by batch; each layer accumulates
+``H += Pᵀ P`` and ``Σ P`` per chunk of sample rows, so the peak is one batch of
+the requested activations plus one chunk of patches (``chunk_bytes``, 32 MiB by
+default), never all activations.
+
+Precision: with ``precision="float32"`` (default) each chunk's product ``PᵀP`` is
+one float32 SYRK/GEMM (at most ``chunk_bytes`` of rows, a few thousand rows) and
+is added to a float64 accumulator; sums are float64. Relative error per entry is
+~1e-6, far below sampling noise, at twice float64 speed. ``precision="float64"``
+does the products in float64.
+
+The Gram is the plain sum over samples (not divided by ``count``); ``mean`` is
+the average sample vector.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx import TensorProto, helper, numpy_helper
+
+from nmcompile.passes.adaprune_solver import blas_single_thread, cpu_workers
+
+__all__ = [
+    "LayerSpec",
+    "LayerStats",
+    "collect_statistics",
+    "im2col",
+    "conv_pads",
+    "conv_output_shape",
+    "spec_from_node",
+    "stats_nbytes",
+    "plan_passes",
+    "graph_input_names",
+    "fixed_batch_size",
+]
+
+_AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+# Initializers at least this large are handed to ORT by reference, not copied.
+_EXTERNAL_MIN_BYTES = 16 << 10
+_PLACEHOLDER_LOCATION = "nmcompile-stats-placeholder.bin"
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass
+class LayerSpec:
+    """One layer whose input statistics are wanted.
+
+    ``input`` names the activation tensor the weight multiplies. ``kind`` "dense":
+    ``feature_axis`` holds the K features. ``kind`` "conv": ONNX Conv attributes
+    (``pads`` in ONNX order, all begins then all ends; ``None`` means the ONNX
+    default) with ``kernel_shape`` required; the input is [N, C, *spatial].
+    """
+
+    name: str
+    input: str
+    kind: str = "dense"
+    feature_axis: int = -1
+    kernel_shape: Sequence[int] | None = None
+    strides: Sequence[int] | None = None
+    pads: Sequence[int] | None = None
+    dilations: Sequence[int] | None = None
+    group: int = 1
+    auto_pad: str = "NOTSET"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dense", "conv"):
+            raise ValueError(f"layer {self.name}: kind must be 'dense' or 'conv'")
+        if self.kind == "conv":
+            if not self.kernel_shape:
+                raise ValueError(f"layer {self.name}: conv needs kernel_shape")
+            nd = len(self.kernel_shape)
+            self.kernel_shape = tuple(int(k) for k in self.kernel_shape)
+            self.strides = tuple(int(s) for s in self.strides) if self.strides else (1,) * nd
+            self.dilations = (tuple(int(d) for d in self.dilations)
+                              if self.dilations else (1,) * nd)
+            self.pads = tuple(int(p) for p in self.pads) if self.pads else (0,) * (2 * nd)
+            ap = self.auto_pad.decode() if isinstance(self.auto_pad, bytes) else self.auto_pad
+            self.auto_pad = ap or "NOTSET"
+            if self.auto_pad not in _AUTO_PADS:
+                raise ValueError(f"layer {self.name}: unknown auto_pad {self.auto_pad!r}")
+            if (len(self.strides) != nd or len(self.dilations) != nd
+                    or len(self.pads) != 2 * nd):
+                raise ValueError(f"layer {self.name}: conv attributes disagree in rank")
+            if (min(self.kernel_shape) < 1 or min(self.strides) < 1
+                    or min(self.dilations) < 1 or min(self.pads) < 0 or self.group < 1):
+                raise ValueError(f"layer {self.name}: invalid conv attributes")
+
+    def key(self) -> tuple:
+        """Layers with equal keys share one accumulator (e.g. Q, K, V projections)."""
+        if self.kind == "dense":
+            return ("dense", self.input, self.feature_axis)
+        return ("conv", self.input, self.kernel_shape, self.strides, self.pads,
+                self.dilations, self.group, self.auto_pad)
+
+
+@dataclass
+class LayerStats:
+    """``gram`` (G, K, K) float64 = Σ x xᵀ; ``mean`` (G, K) float64; ``count`` the
+    number of sample vectors. G = conv group count (1 for dense). Layers that read
+    the same input with the same geometry share one LayerStats object: treat it as
+    read-only."""
+
+    gram: np.ndarray
+    mean: np.ndarray
+    count: int
+
+    @property
+    def groups(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def features(self) -> int:
+        return self.gram.shape[1]
+
+
+def spec_from_node(node: onnx.NodeProto, weight_shape: Sequence[int] | None = None,
+                   name: str | None = None) -> LayerSpec:
+    """LayerSpec for a MatMul / Gemm / Conv node (the weight is input 1; for Conv
+    ``weight_shape`` supplies kernel_shape when the attribute is absent)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    name = name or node.name or node.output[0]
+    if node.op_type == "MatMul":
+        return LayerSpec(name, node.input[0], "dense", feature_axis=-1)
+    if node.op_type == "Gemm":
+        return LayerSpec(name, node.input[0], "dense",
+                         feature_axis=0 if attrs.get("transA", 0) else -1)
+    if node.op_type == "Conv":
+        ks = attrs.get("kernel_shape")
+        if not ks:
+            if weight_shape is None:
+                raise ValueError(f"Conv {name}: kernel_shape unknown, pass weight_shape")
+            ks = list(weight_shape[2:])
+        ap = attrs.get("auto_pad", b"NOTSET")
+        return LayerSpec(name, node.input[0], "conv", kernel_shape=ks,
+                         strides=attrs.get("strides"), pads=attrs.get("pads"),
+                         dilations=attrs.get("dilations"), group=int(attrs.get("group", 1)),
+                         auto_pad=ap.decode() if isinstance(ap, bytes) else ap)
+    raise ValueError(f"no statistics for op {node.op_type}")
+
+
+# --------------------------------------------------------------------------- conv geometry
+
+
+def conv_pads(spec: LayerSpec, in_spatial: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(begins, ends) padding per spatial axis, honouring auto_pad the way ONNX
+    Runtime does (SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the
+    beginning; both aim at out = ceil(in / stride))."""
+    nd = len(spec.kernel_shape)
+    if len(in_spatial) != nd:
+        raise ValueError(f"layer {spec.name}: input has {len(in_spatial)} spatial dims, "
+                         f"kernel {nd}")
+    if spec.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        b, e = [], []
+        for i in range(nd):
+            n, s = int(in_spatial[i]), spec.strides[i]
+            dk = (spec.kernel_shape[i] - 1) * spec.dilations[i] + 1
+            total = max(0, (-(-n // s) - 1) * s + dk - n)
+            head = (total + 1) // 2 if spec.auto_pad == "SAME_LOWER" else total // 2
+            b.append(head)
+            e.append(total - head)
+        return b, e
+    if spec.auto_pad == "VALID":
+        return [0] * nd, [0] * nd
+    return list(spec.pads[:nd]), list(spec.pads[nd:])
+
+
+def conv_output_shape(spec: LayerSpec, in_spatial: Sequence[int]) -> list[int]:
+    b, e = conv_pads(spec, in_spatial)
+    out = []
+    for i in range(len(in_spatial)):
+        dk = (spec.kernel_shape[i] - 1) * spec.dilations[i] + 1
+        out.append((int(in_spatial[i]) + b[i] + e[i] - dk) // spec.strides[i] + 1)
+    return out
+
+
+def _window_view(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """View (n, C, *out, *kernel) of the zero-padded input (pads copy x once)."""
+    nd = len(spec.kernel_shape)
+    b, e = conv_pads(spec, x.shape[2:])
+    if any(b) or any(e):
+        x = np.pad(x, [(0, 0), (0, 0)] + list(zip(b, e)))
+    dk = [(k - 1) * d + 1 for k, d in zip(spec.kernel_shape, spec.dilations)]
+    if any(x.shape[2 + i] < dk[i] for i in range(nd)):
+        raise ValueError(f"layer {spec.name}: kernel larger than padded input")
+    v = sliding_window_view(x, dk, axis=tuple(range(2, 2 + nd)))
+    sl = ((slice(None), slice(None))
+          + tuple(slice(None, None, s) for s in spec.strides)
+          + tuple(slice(None, None, d) for d in spec.dilations))
+    return v[sl]
+
+
+def _patches_T(v: np.ndarray, G: int, dtype) -> np.ndarray:
+    """(n, C, *out, *k) window view → (G, K, rows) contiguous patches (transposed:
+    the copy's inner loop runs along output positions, the long axis)."""
+    n, C = v.shape[:2]
+    nd = (v.ndim - 2) // 2
+    out_sp = v.shape[2:2 + nd]
+    ks = v.shape[2 + nd:]
+    Cg = C // G
+    K = Cg * math.prod(ks)
+    rows = n * math.prod(out_sp)
+    P = np.empty((G, K, rows), dtype=dtype)
+    # destination index order: g, c, *k, n, *out
+    dst = P.reshape((G, Cg) + tuple(ks) + (n,) + tuple(out_sp))
+    src = v.reshape((n, G, Cg) + tuple(out_sp) + tuple(ks))
+    perm = ((1, 2) + tuple(range(3 + nd, 3 + 2 * nd)) + (0,) + tuple(range(3, 3 + nd)))
+    np.copyto(dst, src.transpose(perm), casting="unsafe")
+    return P
+
+
+def im2col(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
+    """Conv patches of ``x`` [N, C, *spatial] as (G, N·Π(out), K): row
+    ``n·Π(out) + flat output position``, column ``c·Π(k) + flat kernel position``
+    (c within the group), so ``W_g.reshape(O/G, -1) @ patches[g].T`` is the conv
+    output of group g. Same dtype as ``x``."""
+    x = np.asarray(x)
+    if x.ndim != len(spec.kernel_shape) + 2:
+        raise ValueError(f"layer {spec.name}: input rank {x.ndim} does not match kernel")
+    if x.shape[1] % spec.group:
+        raise ValueError(f"layer {spec.name}: {x.shape[1]} channels not divisible by "
+                         f"group {spec.group}")
+    return _patches_T(_window_view(x, spec), spec.group, x.dtype).transpose(0, 2, 1)
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+class _Accumulator:
+    """Running Σ PᵀP and Σ P for one layer input. ``jobs(x)`` cuts one batch into
+    chunk jobs; each job returns its partial sums, which ``merge`` adds in job
+    order — so results do not depend on how many threads ran the jobs."""
+
+    def __init__(self, spec: LayerSpec, dtype, chunk_bytes: int):
+        self.spec = spec
+        self.dtype = np.dtype(dtype)
+        self.chunk_bytes = chunk_bytes
+        self.gram: np.ndarray | None = None
+        self.sums: np.ndarray | None = None
+        self.count = 0
+
+    def _init(self, G: int, K: int) -> None:
+        if self.gram is None:
+            self.gram = np.zeros((G, K, K), np.float64)
+            self.sums = np.zeros((G, K), np.float64)
+        elif self.gram.shape != (G, K, K):
+            raise ValueError(f"layer {self.spec.name}: input feature size changed "
+                             f"between batches ({self.gram.shape[1:]} → {(K, K)})")
+
+    def add(self, x: np.ndarray) -> None:
+        """Accumulate one batch in this thread."""
+        for job in self.jobs(x):
+            self.merge(job())
+
+    def merge(self, part) -> None:
+        prod, sums = part
+        self.gram += prod
+        self.sums += sums
+
+    def jobs(self, x: np.ndarray) -> list:
+        x = np.asarray(x)
+        if self.spec.kind == "dense":
+            return self._dense_jobs(x)
+        return self._conv_jobs(x)
+
+    def _dense_jobs(self, x: np.ndarray) -> list:
+        if x.ndim == 0:
+            raise ValueError(f"layer {self.spec.name}: scalar input")
+        ax = self.spec.feature_axis
+        if not -x.ndim <= ax < x.ndim:
+            raise ValueError(f"layer {self.spec.name}: feature_axis {ax} out of range "
+                             f"for input of rank {x.ndim}")
+        K = x.shape[ax]
+        self._init(1, K)
+        X = np.moveaxis(x, ax, -1).reshape(-1, K)
+        self.count += X.shape[0]
+        step = max(256, self.chunk_bytes // max(1, K * self.dtype.itemsize))
+        dtype = self.dtype
+
+        def job(r0):
+            c = np.ascontiguousarray(X[r0:r0 + step], dtype=dtype)
+            prod = np.matmul(c.T, c)  # SYRK: c.T and c share memory
+            return prod[None], c.sum(axis=0, dtype=np.float64)[None]
+
+        return [lambda r0=r0: job(r0) for r0 in range(0, X.shape[0], step)]
+
+    def _conv_jobs(self, x: np.ndarray) -> list:
+        spec = self.spec
+        nd = len(spec.kernel_shape)
+        if x.ndim != nd + 2:
+            raise ValueError(f"layer {spec.name}: conv input rank {x.ndim}, expected {nd + 2}")
+        N, C = x.shape[:2]
+        G = spec.group
+        if C % G:
+            raise ValueError(f"layer {spec.name}: {C} channels not divisible by group {G}")
+        K = (C // G) * math.prod(spec.kernel_shape)
+        self._init(G, K)
+        out = conv_output_shape(spec, x.shape[2:])
+        if min(out) < 1:
+            raise ValueError(f"layer {spec.name}: empty conv output {out}")
+        self.count += N * math.prod(out)
+        per_sample = G * K * math.prod(out) * self.dtype.itemsize
+        n_step = max(1, self.chunk_bytes // per_sample)
+        # a single sample larger than the budget: split along the first output axis
+        h_step = out[0] if n_step > 1 else max(1, self.chunk_bytes * out[0] // per_sample)
+        dtype = self.dtype
+
+        def job(n0, h0):
+            v = _window_view(x[n0:n0 + n_step], spec)  # pads this sample chunk only
+            P = _patches_T(v[:, :, h0:h0 + h_step], G, dtype)  # (G, K, rows)
+            if G == 1:
+                prod = np.matmul(P[0], P[0].T)[None]  # SYRK
+            else:
+                prod = np.matmul(P, P.transpose(0, 2, 1))
+            return prod, P.sum(axis=2, dtype=np.float64)
+
+        return [lambda n0=n0, h0=h0: job(n0, h0)
+                for n0 in range(0, N, n_step) for h0 in range(0, out[0], h_step)]
+
+    def result(self) -> LayerStats:
+        if self.gram is None or self.count == 0:
+            raise ValueError(f"layer {self.spec.name}: no calibration samples")
+        return LayerStats(self.gram, self.sums / self.count, self.count)
+
+
+def _run_jobs(jobs: list, pool, workers: int) -> None:
+    """Run (accumulator, job) pairs on ``pool``, merging results in list order
+    with at most 2·workers partial results alive."""
+    if pool is None:
+        for acc, job in jobs:
+            acc.merge(job())
+        return
+    inflight: deque = deque()
+    for acc, job in jobs:
+        inflight.append((acc, pool.submit(job)))
+        if len(inflight) >= 2 * workers:
+            a, f = inflight.popleft()
+            a.merge(f.result())
+    while inflight:
+        a, f = inflight.popleft()
+        a.merge(f.result())
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def graph_input_names(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that are real inputs (not initializers)."""
+    inits = {t.name for t in model.graph.initializer}
+    inits |= {t.values.name for t in model.graph.sparse_initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def fixed_batch_size(model: onnx.ModelProto) -> int | None:
+    """The fixed first dimension shared by the model's inputs (e.g. 1), or None
+    when any input's first dimension is symbolic/unknown. Conflicting fixed
+    values raise ValueError."""
+    names = set(graph_input_names(model))
+    fixed: set[int] = set()
+    dynamic = False
+    for vi in model.graph.input:
+        if vi.name not in names:
+            continue
+        t = vi.type.tensor_type
+        if not t.HasField("shape") or len(t.shape.dim) == 0:
+            dynamic = True
+            continue
+        d0 = t.shape.dim[0]
+        if d0.HasField("dim_value") and d0.dim_value > 0:
+            fixed.add(int(d0.dim_value))
+        else:
+            dynamic = True
+    if len(fixed) > 1:
+        raise ValueError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
+    return fixed.pop() if fixed else None
+
+
+def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside the node's subgraphs (over-approximates outer refs)."""
+    refs: set[str] = set()
+    for a in node.attribute:
+        graphs = []
+        if a.type == onnx.AttributeProto.GRAPH:
+            graphs = [a.g]
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            graphs = list(a.graphs)
+        for g in graphs:
+            for n in g.node:
+                refs.update(i for i in n.input if i)
+                refs |= _subgraph_refs(n)
+    return refs
+
+
+def _safe_external_path(base_dir: str, location: str) -> str:
+    if (os.path.isabs(location) or ".." in location.replace("\\", "/").split("/")):
+        raise ValueError(f"external data location {location!r} leaves the model folder")
+    path = os.path.join(base_dir, location)
+    if os.path.islink(path):
+        raise ValueError(f"external data location {location!r} is a link")
+    return path
+
+
+def _tensor_array(t: TensorProto, base_dir: str | None) -> np.ndarray | None:
+    """A numpy array of the initializer, sharing memory where possible: a view of
+    ``raw_data`` (one bytes copy, made by protobuf) or a read-only memmap of an
+    external file. None for types numpy cannot hold (ORT then gets a copy)."""
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    except Exception:
+        return None
+    if dtype.kind not in "biuf" or t.data_type in (TensorProto.BFLOAT16,) or \
+            t.data_type >= TensorProto.FLOAT8E4M3FN:
+        return None
+    dims = tuple(int(d) for d in t.dims)
+    if t.data_location == TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise ValueError(f"initializer {t.name} has external data that is not loaded; "
+                             "load it or pass base_dir")
+        info = {e.key: e.value for e in t.external_data}
+        path = _safe_external_path(base_dir, info["location"])
+        offset = int(info.get("offset", 0))
+        n = math.prod(dims)
+        mm = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=offset,
+                       shape=(n,))
+        return mm.reshape(dims)
+    if t.HasField("raw_data"):
+        return np.frombuffer(t.raw_data, dtype=dtype.newbyteorder("<")).reshape(dims)
+    return numpy_helper.to_array(t)
+
+
+def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | None,
+                   overrides: Mapping[str, np.ndarray] | None, low_memory: bool):
+    import onnxruntime as ort
+
+    g = model.graph
+    producer: dict[str, int] = {}
+    for i, node in enumerate(g.node):
+        for o in node.output:
+            if o:
+                producer[o] = i
+    keep: set[int] = set()
+    used: set[str] = set()
+    stack = list(wanted)
+    while stack:
+        t = stack.pop()
+        if t in used:
+            continue
+        used.add(t)
+        i = producer.get(t)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        node = g.node[i]
+        stack.extend(n for n in node.input if n)
+        stack.extend(_subgraph_refs(node))
+
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    mg = m.graph
+    mg.name = g.name or "stats"
+    mg.node.extend(g.node[i] for i in sorted(keep))
+    mg.input.extend(g.input)
+    typed = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
+    mg.value_info.extend(vi for vi in g.value_info if vi.name in used)
+    for t in wanted:
+        mg.output.append(typed[t] if t in typed else onnx.ValueInfoProto(name=t))
+
+    names, values, keepalive = [], [], []
+    for t in g.initializer:
+        if t.name not in used:
+            continue
+        if overrides is not None and t.name in overrides:
+            dt = helper.tensor_dtype_to_np_dtype(t.data_type)
+            arr = np.ascontiguousarray(overrides[t.name], dtype=dt)
+            if arr.shape != tuple(t.dims):
+                raise ValueError(f"override for {t.name}: shape {arr.shape}, "
+                                 f"initializer {tuple(t.dims)}")
+        elif t.data_location == TensorProto.EXTERNAL:
+            arr = _tensor_array(t, base_dir)  # memory-mapped
+            if arr is None:  # a type numpy cannot hold: load a copy into the graph
+                tt = mg.initializer.add()
+                tt.CopyFrom(t)
+                onnx.external_data_helper.load_external_data_for_tensor(tt, base_dir)
+                continue
+        elif t.ByteSize() >= _EXTERNAL_MIN_BYTES:
+            arr = _tensor_array(t, None)
+        else:
+            arr = None
+        if arr is None:
+            mg.initializer.append(t)
+            continue
+        ph = mg.initializer.add()
+        ph.name = t.name
+        ph.data_type = t.data_type
+        ph.dims.extend(arr.shape)
+        ph.data_location = TensorProto.EXTERNAL
+        e = ph.external_data.add()
+        e.key, e.value = "location", _PLACEHOLDER_LOCATION
+        keepalive.append(arr)
+        names.append(t.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+    mg.sparse_initializer.extend(s for s in g.sparse_initializer if s.values.name in used)
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # ORT's idle threads spin by default and would fight our Gram threads for the
+    # cores between runs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if low_memory:
+        # MLAS pre-packs MatMul/Conv weights into new buffers: one more copy of them
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if names:
+        so.add_external_initializers(names, values)
+    blob = m.SerializeToString()
+    del m
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    return sess, keepalive
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
+                       batches: Iterable[Mapping[str, np.ndarray]], progress: bool = True,
+                       *, precision: str = "float32", chunk_bytes: int = 32 << 20,
+                       base_dir: str | None = None,
+                       overrides: Mapping[str, np.ndarray] | None = None,
+                       low_memory: bool = True,
+                       threads: int | None = None) -> dict[str, LayerStats]:
+    """Run the calibration ``batches`` (dicts input name → array, e.g. from
+    ``nmcompile.calibdata.iter_batches``) through ``model`` once and return each
+    spec's LayerStats, keyed by ``spec.name``.
+
+    ``base_dir``: folder for initializers whose external data is not loaded
+    (memory-mapped, never ``..``/absolute/links). ``overrides``: initializer name →
+    array used instead of the model's value (e.g. already-pruned weights, for
+    sequential calibration) without editing the proto. ``low_memory`` disables
+    ORT's weight pre-packing (one copy of the weights fewer, slightly slower).
+    ``threads``: worker threads for the Gram products (default: all cores), each
+    running single-threaded BLAS; results do not depend on the count.
+    """
+    if precision not in ("float32", "float64"):
+        raise ValueError("precision must be 'float32' or 'float64'")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate layer names in specs")
+    accs: dict[tuple, _Accumulator] = {}
+    for s in specs:
+        if s.key() not in accs:
+            accs[s.key()] = _Accumulator(s, np.dtype(precision), chunk_bytes)
+    if not specs:
+        return {}
+
+    inputs = graph_input_names(model)
+    produced = {o for n in model.graph.node for o in n.output if o}
+    inits = {t.name for t in model.graph.initializer}
+    wanted: list[str] = []
+    for s in specs:
+        t = s.input
+        if t in inputs:
+            continue
+        if t in inits and t not in produced:
+            raise ValueError(f"layer {s.name}: input {t!r} is a constant initializer")
+        if t not in produced:
+            raise ValueError(f"layer {s.name}: tensor {t!r} is not in the graph")
+        if t not in wanted:
+            wanted.append(t)
+
+    sess, keepalive = (None, None)
+    sess_inputs: list[str] = []
+    if wanted:
+        sess, keepalive = _build_session(model, wanted, base_dir, overrides, low_memory)
+        sess_inputs = [i.name for i in sess.get_inputs()]
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    it: Iterator = iter(batches)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="calibration", unit="batch", total=total, file=sys.stderr,
+                  leave=False)
+    workers = cpu_workers() if threads is None else max(1, int(threads))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for batch in it:
+            tensors: dict[str, np.ndarray] = {}
+            if sess is not None:
+                feed = {k: batch[k] for k in sess_inputs if k in batch}
+                outs = sess.run(wanted, feed)
+                tensors = dict(zip(wanted, outs))
+                del outs
+            jobs = []
+            for acc in accs.values():
+                t = acc.spec.input
+                jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else batch[t])]
+            with blas_single_thread():
+                _run_jobs(jobs, pool, workers)
+            del tensors, jobs
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    del sess, keepalive
+
+    results = {k: acc.result() for k, acc in accs.items()}
+    return {s.name: results[s.key()] for s in specs}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def stats_nbytes(groups: int, features: int) -> int:
+    """Bytes one accumulator holds (float64 Gram, float32 product buffer, sums)."""
+    return groups * features * features * (8 + 4) + groups * features * 8
+
+
+def plan_passes(specs: Sequence[LayerSpec], shapes: Mapping[str, tuple[int, int]],
+                budget_bytes: int) -> list[list[LayerSpec]]:
+    """Split ``specs`` (in the given order, e.g. topological) into consecutive
+    groups whose accumulators fit in ``budget_bytes``; ``shapes[name] = (G, K)``.
+    Specs sharing an accumulator are counted once. A single layer over the budget
+    gets a pass of its own. Run ``collect_statistics`` once per group (each pass
+    is a full run over the calibration data) when all Grams at once would not fit
+    in memory (e.g. ResNet-50's 3×3 convs: K = 4608, 170 MB each in float64)."""
+    passes: list[list[LayerSpec]] = []
+    cur: list[LayerSpec] = []
+    seen: set[tuple] = set()
+    used = 0
+    for s in specs:
+        G, K = shapes[s.name]
+        cost = 0 if s.key() in seen else stats_nbytes(G, K)
+        if cur and used + cost > budget_bytes:
+            passes.append(cur)
+            cur, seen, used = [], set(), 0
+            cost = stats_nbytes(G, K)
+        cur.append(s)
+        seen.add(s.key())
+        used += cost
+    if cur:
+        passes.append(cur)
+    return passes

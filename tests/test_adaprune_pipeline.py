@@ -1,0 +1,153 @@
+"""Calibration end to end: accuracy kept on the shipped models, errors reduced, conversion, bad data."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import MODELS
+from nmcompile import modelzoo as zoo
+from nmcompile.pipeline import compile_model
+
+
+def accuracy(path, test_npz):
+    import sys
+
+    sys.path.insert(0, str(MODELS))
+    from evaluate import accuracy as acc
+
+    return acc(str(path), str(test_npz))
+
+
+@pytest.mark.parametrize(
+    "model,calib,test",
+    [
+        ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"),
+        ("digits_encoder.onnx", "digits_encoder_calib.npz", "digits_encoder_test.npz"),
+    ],
+)
+def test_calibrated_2_4_keeps_accuracy_where_magnitude_loses(tmp_path, model, calib, test):
+    src = MODELS / model
+    dense = accuracy(src, MODELS / test)
+    magnitude = compile_model(src, output=tmp_path / "mag.onnx", pattern="2:4")
+    calibrated = compile_model(src, output=tmp_path / "cal.onnx", pattern="2:4", calib=MODELS / calib)
+    acc_mag = accuracy(magnitude.paths.model, MODELS / test)
+    acc_cal = accuracy(calibrated.paths.model, MODELS / test)
+    assert acc_cal >= dense - 0.005, (dense, acc_cal)
+    assert acc_mag < acc_cal and dense - acc_mag > 0.005, (dense, acc_mag)
+    for layer in calibrated.report["layers"]:
+        if layer["skipped"] is None:
+            assert layer["reconstruction_error_adaprune"] <= layer["reconstruction_error_masked"] + 1e-9
+            assert 0 <= layer["reconstruction_error_adaprune"] < 1
+    # the pattern holds on the re-fitted weights
+    from test_compile_layouts import effective_weights
+    from nmcompile.passes.nm_mask import group_max_nonzeros
+
+    for name, (w, axis) in effective_weights(calibrated.paths.model).items():
+        layer = {l["name"]: l for l in calibrated.report["layers"]}[name]
+        if layer["skipped"] is None:
+            assert group_max_nonzeros(w, 4, axis) <= 2
+
+
+def test_sequential_calibration_keeps_accuracy(tmp_path):
+    src = MODELS / "digits_encoder.onnx"
+    dense = accuracy(src, MODELS / "digits_encoder_test.npz")
+    result = compile_model(src, output=tmp_path / "seq.onnx", calib=MODELS / "digits_encoder_calib.npz", sequential_calib=True)
+    assert accuracy(result.paths.model, MODELS / "digits_encoder_test.npz") >= dense - 0.005
+    assert result.report["options"]["calibration"]["sequential"] is True
+
+
+def test_no_adaprune_chooses_masks_only(tmp_path):
+    src = MODELS / "digits_cnn.onnx"
+    result = compile_model(src, output=tmp_path / "m.onnx", calib=MODELS / "digits_calib.npz", adaprune=False)
+    layer = [l for l in result.report["layers"] if l["skipped"] is None][0]
+    assert "reconstruction_error_adaprune" not in layer and "retained_score" in layer
+
+
+def test_matmul_without_bias_gets_one(tmp_path):
+    """Bias correction adds an Add where the MatMul had no bias, and the graph still runs."""
+    model = zoo.matmul_model(k=64, n=32)
+    src = tmp_path / "mm.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", x=(rng.standard_normal((64, 4, 64)) + 0.5).astype(np.float32))
+    result = compile_model(src, calib=tmp_path / "calib.npz")
+    ops = [n.op_type for n in onnx.load(str(result.paths.model)).graph.node]
+    assert ops.count("Add") == 2
+    import onnxruntime as ort
+
+    feeds = {"x": (rng.standard_normal((8, 4, 64)) + 0.5).astype(np.float32)}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    out = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    mag = compile_model(src, output=tmp_path / "mag.onnx")
+    out_mag = ort.InferenceSession(str(mag.paths.model), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.linalg.norm(out - ref) < np.linalg.norm(out_mag - ref)
+    # bias correction: the mean output matches the dense one better than without it
+    assert abs((out - ref).mean()) < abs((out_mag - ref).mean()) + 1e-6
+
+
+def test_pattern_conversion_counts_violations(tmp_path):
+    src = MODELS / "digits_cnn.onnx"
+    four_eight = compile_model(src, output=tmp_path / "48.onnx", pattern="4:8")
+    result = compile_model(four_eight.paths.model, output=tmp_path / "24.onnx", pattern="2:4", calib=MODELS / "digits_calib.npz")
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(four_eight.paths.model)).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(result.paths.model)).graph.initializer}
+    checked = 0
+    for layer in result.report["layers"]:
+        if layer["skipped"]:
+            continue
+        assert layer["existing_pattern"] == "4:8"
+        w0, w1 = before[layer["weight"]], after[layer["weight"]]
+        assert layer["violations"] == int(np.count_nonzero((w0 != 0) & (w1 == 0)))
+        assert layer["violations"] > 0
+        checked += 1
+    assert checked == 4
+    # AdaPrune recovers toward the 4:8 model it converts, better than converting by magnitude
+    plain = compile_model(four_eight.paths.model, output=tmp_path / "24plain.onnx", pattern="2:4")
+    test = MODELS / "digits_test.npz"
+    acc_48, acc_cal, acc_plain = (accuracy(p, test) for p in (four_eight.paths.model, result.paths.model, plain.paths.model))
+    assert acc_cal >= acc_48 - 0.01 and acc_cal >= acc_plain, (acc_48, acc_cal, acc_plain)
+
+
+@pytest.mark.parametrize(
+    "arrays,expect",
+    [
+        ({"wrong_name": np.zeros((4, 1, 8, 8), np.float32)}, "input"),
+        ({"input": np.zeros((4, 1, 8, 8), np.float64)}, "dtype"),
+        ({"input": np.zeros((4, 3, 8, 8), np.float32)}, "shape"),
+    ],
+)
+def test_bad_calibration_data(run_cli, tmp_path, arrays, expect):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(src, "--calib", tmp_path / "bad.npz")
+    assert code == 2 and err.startswith("nmcompile: error:") and err.count("\n") == 1, err
+    assert expect in err.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_calibration_file_problems(run_cli, tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    for path in (tmp_path / "missing.npz", tmp_path / "corrupt.npz"):
+        code, _, err = run_cli(src, "--calib", path)
+        assert code == 2 and err.count("\n") == 1, err
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    code, _, err = run_cli(src, "--calib", empty)
+    assert code == 2, err
+    code, _, err = run_cli(src, "--mask-score", "obs")
+    assert code == 2 and "--calib" in err
+
+
+def test_calibrated_outputs_deterministic(tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        r = compile_model(MODELS / "digits_cnn.onnx", output=tmp_path / f"{name}.onnx", calib=MODELS / "digits_calib.npz")
+        outs.append((r.paths.model.read_bytes(), json.loads(r.paths.report.read_text())))
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1]["layers"] == outs[1][1]["layers"]
