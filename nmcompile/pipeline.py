@@ -85,6 +85,7 @@ class CompileResult:
     report: dict
     data_path: Path | None
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # per-layer re-fit seconds (not in the report: it is byte-stable)
 
 
 def default_output(model_path: Path) -> Path:
@@ -216,7 +217,7 @@ def compile_model(
             writer.write_bytes(paths.ep, dumps(ep))
     except OSError as exc:
         raise UserError(f"cannot write outputs to {paths.model.parent}: {exc.strerror or exc}") from None
-    return CompileResult(paths, report, saved.data_path, time.perf_counter() - start)
+    return CompileResult(paths, report, saved.data_path, time.perf_counter() - start, dict(ctx.timings))
 
 
 def dumps(obj) -> bytes:
@@ -320,5 +321,13 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "target_sparsity": total_zero / total_w if total_w else 0.0,
             "retained_l1": kept_l1 / all_l1 if all_l1 > 0 else None,
         },
+        "sensitivity_ranking": sorted(
+            (
+                {"name": row["name"], "error": row["reconstruction_error_adaprune"]}
+                for row in layers
+                if row.get("reconstruction_error_adaprune") is not None
+            ),
+            key=lambda r: -r["error"],
+        ),
         "notes": list(ctx.notes),
     }

@@ -11,6 +11,7 @@ def _fmt(value, spec: str) -> str:
 
 def format_summary(result) -> str:
     report = result.report
+    calibrated = any("reconstruction_error_adaprune" in layer for layer in report["layers"])
     rows = []
     for layer in report["layers"]:
         status = "dense: " + layer["skipped"] if layer["skipped"] else (layer["pattern"] or "dense")
@@ -23,8 +24,17 @@ def format_summary(result) -> str:
             "yes" if layer.get("trt_sparse", {}).get("eligible") else "no",
             status,
         ])
+        if calibrated:
+            err = layer.get("reconstruction_error_masked"), layer.get("reconstruction_error_adaprune")
+            rows[-1][5:5] = [
+                "-" if err[1] is None else f"{err[0]:.4f} -> {err[1]:.4f}",
+                "-" if layer["name"] not in result.timings else f"{result.timings[layer['name']]:.2f}s",
+            ]
     totals = report["totals"]
-    lines = [format_table(["layer", "op", "shape", "sparsity", "kept L1", "TRT sparse", "pattern / why dense"], rows), ""]
+    header = ["layer", "op", "shape", "sparsity", "kept L1", "TRT sparse", "pattern / why dense"]
+    if calibrated:
+        header[5:5] = ["rel. error masked -> refit", "refit time"]
+    lines = [format_table(header, rows), ""]
     lines.append(
         f"{totals['pruned_layers']} of {totals['layers']} layers pruned ({report['options']['pattern']}), "
         f"{totals['skipped_layers']} kept dense; target weights {totals['target_weights']:,}, "
@@ -36,6 +46,9 @@ def format_summary(result) -> str:
         f"{eligible} layer(s) eligible for TensorRT sparse kernels (2:4 along input channels, fp16/int8, "
         f">= 256 channels; see trt_sparse.reason in the report). ONNX Runtime CPU/CUDA run N:M weights at dense speed."
     )
+    ranking = report.get("sensitivity_ranking")
+    if ranking:
+        lines.append("most sensitive layers (relative output error after re-fit): " + ", ".join(f"{r['name']} {r['error']:.4f}" for r in ranking[:5]))
     paths = result.paths
     outputs = [str(paths.model)] + ([str(result.data_path)] if result.data_path else []) + [str(paths.report), str(paths.ep)]
     lines.append("wrote " + ", ".join(outputs) + f" in {result.seconds:.2f} s")
