@@ -57,6 +57,7 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     cal.add_argument("--no-adaprune", action="store_true", help="with --calib: choose masks from the statistics but do not re-fit the weights")
     cal.add_argument("--mask-score", choices=("obs", "activation", "magnitude"), help="how a weight's importance is scored: obs (w^2/[H^-1]_ii, the default with --calib), activation (|w|*||x||), magnitude (|w|, the default without)")
     cal.add_argument("--sequential-calib", action="store_true", help="take each layer's statistics from the model whose earlier layers are already compressed, fitting to the dense outputs (slower, one calibration pass per layer wave)")
+    cal.add_argument("--calib-table", action="store_true", help="also write a legacy TensorRT calibration table (trt_cache/OUT.calibration.cache, absolute-max ranges) for implicit int8 builds of the float model; deprecated by TensorRT 10.1, prefer --quantize int8")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
     p.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     _add_common(p)
@@ -89,6 +90,7 @@ def run_compile(args) -> int:
         adaprune=not args.no_adaprune,
         mask_score=args.mask_score,
         sequential_calib=args.sequential_calib,
+        calib_table=args.calib_table,
     )
     if not args.quiet:
         print(format_summary(result))

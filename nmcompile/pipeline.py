@@ -43,6 +43,7 @@ class CompileOptions:
     mask_score: str = "obs"
     sequential_calib: bool = False
     damp: float = 0.01
+    calib_table: bool = False
 
     def describe(self) -> dict:
         return {
@@ -151,6 +152,7 @@ def compile_model(
     adaprune: bool = True,
     mask_score: str | None = None,
     sequential_calib: bool = False,
+    calib_table: bool = False,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -168,6 +170,8 @@ def compile_model(
         raise UserError(f"--mask-score {mask_score!r}: expected one of {', '.join(MASK_SCORES)}")
     if mask_score != "magnitude" and calib is None:
         raise UserError(f"--mask-score {mask_score} needs --calib DATA")
+    if calib_table and calib is None:
+        raise UserError("--calib-table needs --calib DATA (the ranges come from running the data)")
     if sequential_calib and calib is None:
         raise UserError("--sequential-calib needs --calib DATA")
     options = CompileOptions(
@@ -182,6 +186,7 @@ def compile_model(
         adaprune=adaprune,
         mask_score=mask_score,
         sequential_calib=sequential_calib,
+        calib_table=calib_table,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)
@@ -197,12 +202,20 @@ def compile_model(
 
     from nmcompile.runtime.providers import provider_config
 
+    table = None
+    if options.calib_table:
+        from nmcompile.runtime.calib_table import collect_ranges, format_calibration_table
+
+        table_name = paths.model.name.removesuffix(".onnx") + ".calibration.cache"
+        table_text, _ = format_calibration_table(collect_ranges(loaded, ctx.artifacts["calib_batches"]()))
+        table = (paths.model.parent / "trt_cache" / table_name, table_text)
     ep = provider_config(
         pattern=(pattern.n, pattern.m) if pattern else None,
         sequential=sequential,
         transposable=transposable,
         quantization=None,
         model_filename=paths.model.name,
+        calibration_table=table[0].name if table else None,
     )
     try:
         with graphio.AtomicWriter() as writer:
@@ -215,6 +228,10 @@ def compile_model(
             }
             writer.write_bytes(paths.report, dumps(report))
             writer.write_bytes(paths.ep, dumps(ep))
+            if table:
+                table[0].parent.mkdir(exist_ok=True)
+                writer.write_bytes(table[0], table[1].encode())
+                report["outputs"]["calibration_table"] = f"{table[0].parent.name}/{table[0].name}"
     except OSError as exc:
         raise UserError(f"cannot write outputs to {paths.model.parent}: {exc.strerror or exc}") from None
     return CompileResult(paths, report, saved.data_path, time.perf_counter() - start, dict(ctx.timings))

@@ -115,11 +115,12 @@ class FoldBatchNorm(Pass):
             return False
         if node.op_type == "Conv":
             channels = w.shape[0]
-            w_new = w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            w_new = w * scale.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
         else:
             trans_b = attr(node, "transB", 0)
             channels = w.shape[0] if trans_b else w.shape[1]
-            w_new = w.astype(np.float64) * (scale[:, None] if trans_b else scale[None, :])
+            factor = scale.astype(w.dtype)
+            w_new = w * (factor[:, None] if trans_b else factor[None, :])
         if scale.shape[0] != channels:
             return False
         bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -131,7 +132,7 @@ class FoldBatchNorm(Pass):
             if bias is None:
                 return False
             alpha = attr(node, "alpha", 1.0)
-            w_new = w_new * alpha
+            w_new = w_new * w.dtype.type(alpha)
             set_attr(node, "alpha", 1.0)
             set_attr(node, "beta", 1.0)
         b_new = (bias - mean) * scale + beta

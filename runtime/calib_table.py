@@ -54,7 +54,7 @@ import numpy as np
 
 from nmcompile.errors import UserError
 
-__all__ = ["write_calibration_table", "read_calibration_table", "float_to_hex", "hex_to_float"]
+__all__ = ["write_calibration_table", "format_calibration_table", "collect_ranges", "read_calibration_table", "float_to_hex", "hex_to_float"]
 
 log = logging.getLogger("nmcompile")
 
@@ -71,18 +71,14 @@ def hex_to_float(text: str) -> float:
     return struct.unpack("<f", struct.pack("<I", int(text.strip(), 16)))[0]
 
 
-def write_calibration_table(
+def format_calibration_table(
     ranges: Mapping[str, tuple[float, float]],
-    path,
     *,
     trt_version: int = 8601,
     algorithm: str = "EntropyCalibration2",
-) -> dict[str, float]:
-    """Write ``ranges`` (tensor name -> (low, high)) as a TensorRT calibration
-    cache at ``path`` (format: see the module docstring). The file appears
-    whole or not at all (written to a temporary file, then renamed).
+) -> tuple[str, dict[str, float]]:
+    """The table's text and the scales in it (name -> float32 scale = max(|low|, |high|) / 127).
 
-    Returns the scales written (name -> float32 scale = max(|low|, |high|) / 127).
     Raises ``UserError`` for a non-finite range.
     """
     scales: dict[str, float] = {}
@@ -104,13 +100,29 @@ def write_calibration_table(
             scale = _TINY
         scales[name] = scale
         lines.append(f"{name}: {float_to_hex(scale)}")
+    return "\n".join(lines) + "\n", scales
 
+
+def write_calibration_table(
+    ranges: Mapping[str, tuple[float, float]],
+    path,
+    *,
+    trt_version: int = 8601,
+    algorithm: str = "EntropyCalibration2",
+) -> dict[str, float]:
+    """Write ``ranges`` (tensor name -> (low, high)) as a TensorRT calibration
+    cache at ``path`` (format: see the module docstring). The file appears
+    whole or not at all (written to a temporary file, then renamed).
+
+    Returns the scales written (name -> float32 scale = max(|low|, |high|) / 127).
+    """
+    text, scales = format_calibration_table(ranges, trt_version=trt_version, algorithm=algorithm)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -119,6 +131,58 @@ def write_calibration_table(
             pass
         raise
     return scales
+
+
+def collect_ranges(loaded, batches) -> dict[str, tuple[float, float]]:
+    """(min, max) of every float tensor of the model as it stands (graph inputs included),
+    over the calibration batches: one batch of activations in memory at a time."""
+    from nmcompile.passes.statistics import _build_session, graph_input_names
+
+    model = loaded.model
+    inputs = graph_input_names(model)
+    floats = {onnx_float for onnx_float in (1, 10, 11, 16)}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+    typed = {vi.name for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output) if vi.type.tensor_type.elem_type in floats}
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+    typed |= {vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type in floats}
+    produced = [o for node in model.graph.node for o in node.output if o and o in typed]
+    wanted = list(dict.fromkeys(produced))
+    sess, keepalive = _build_session(model, wanted, str(loaded.base_dir), loaded.overrides(), True)
+    names = [o.name for o in sess.get_outputs()]
+    ranges: dict[str, list[float]] = {}
+    for batch in batches:
+        feed = {i.name: batch[i.name] for i in sess.get_inputs()}
+        values = dict(zip(names, sess.run(names, feed)))
+        values.update({k: v for k, v in feed.items() if k in inputs and k in typed})
+        for name, value in values.items():
+            if value.size == 0 or value.dtype.kind != "f":
+                continue
+            lo, hi = float(np.min(value)), float(np.max(value))
+            if name in ranges:
+                ranges[name][0] = min(ranges[name][0], lo)
+                ranges[name][1] = max(ranges[name][1], hi)
+            else:
+                ranges[name] = [lo, hi]
+    del sess, keepalive
+    return {k: (v[0], v[1]) for k, v in ranges.items()}
+
+
+def _without_weights(model):
+    """A copy of the graph with initializers reduced to their type and shape, for shape inference."""
+    import onnx
+
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    inputs = list(graph.input) + [
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer if t.name not in declared
+    ]
+    stripped = onnx.helper.make_model(
+        onnx.helper.make_graph(list(graph.node), graph.name or "graph", inputs, list(graph.output), value_info=list(graph.value_info)),
+        opset_imports=list(model.opset_import),
+    )
+    stripped.ir_version = model.ir_version
+    return stripped
 
 
 def read_calibration_table(path) -> tuple[str, dict[str, float]]:

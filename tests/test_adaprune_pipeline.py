@@ -151,3 +151,20 @@ def test_calibrated_outputs_deterministic(tmp_path):
         outs.append((r.paths.model.read_bytes(), json.loads(r.paths.report.read_text())))
     assert outs[0][0] == outs[1][0]
     assert outs[0][1]["layers"] == outs[1][1]["layers"]
+
+
+def test_calibration_table_uses_absolute_maxima(tmp_path):
+    from nmcompile.runtime.calib_table import read_calibration_table
+
+    data = np.load(MODELS / "digits_calib.npz")["input"].copy()
+    data[0, 0, 0, 0] = -50.0  # a range like (-50, 1): the table must say 50, not 1
+    np.savez(tmp_path / "calib.npz", input=data)
+    result = compile_model(MODELS / "digits_cnn.onnx", output=tmp_path / "t.onnx", calib=tmp_path / "calib.npz", calib_table=True)
+    table = tmp_path / "trt_cache" / "t.calibration.cache"
+    header, ranges = read_calibration_table(table)
+    assert header.startswith("TRT-")
+    assert abs(ranges["input"] - 50.0) < 1e-3
+    assert len(ranges) > 5 and all(v > 0 for v in ranges.values())
+    ep = json.loads(result.paths.ep.read_text())
+    trt = dict(ep["providers"])["TensorrtExecutionProvider"]
+    assert trt["trt_int8_calibration_table_name"] == "t.calibration.cache" and trt["trt_int8_enable"] is True
