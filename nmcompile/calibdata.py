@@ -56,6 +56,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     if not out:
         raise UserError(f"calibration file {path} holds no arrays")
     for k, a in out.items():
+        if not isinstance(a, np.ndarray):
+            raise UserError(f"calibration file {path}: member {k!r} is not a numpy array")
         if a.dtype.kind not in "biuf":
             raise UserError(f"calibration array {k!r} in {path} has unsupported "
                             f"dtype {a.dtype}")

@@ -58,6 +58,12 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     cal.add_argument("--mask-score", choices=("obs", "activation", "magnitude"), help="how a weight's importance is scored: obs (w^2/[H^-1]_ii, the default with --calib), activation (|w|*||x||), magnitude (|w|, the default without)")
     cal.add_argument("--sequential-calib", action="store_true", help="take each layer's statistics from the model whose earlier layers are already compressed, fitting to the dense outputs (slower, one calibration pass per layer wave)")
     cal.add_argument("--calib-table", action="store_true", help="also write a legacy TensorRT calibration table (trt_cache/OUT.calibration.cache, absolute-max ranges) for implicit int8 builds of the float model; deprecated by TensorRT 10.1, prefer --quantize int8")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--quantize", choices=("int8", "log", "lut"), help="int8: explicit QDQ (per-channel int8 weights, calibrated per-tensor activations; needs --calib); log: weight-only sign + power-of-two codes; lut: weight-only k-means codebook")
+    q.add_argument("--bits", type=int, default=4, help="code width for --quantize log/lut (2-8, default 4)")
+    q.add_argument("--calib-method", default="auto", choices=("kl", "minmax", "percentile", "auto"), help="activation thresholds for int8: TensorRT's KL search, min/max, percentile, or auto (per tensor, lowest quantization error; default)")
+    q.add_argument("--max-error", type=float, metavar="E", help="output error budget (1 - cosine to the unquantized model on the calibration data): keep the most sensitive layers in float until it is met")
+    p.add_argument("--permute", action="store_true", help="permute each layer's input channels (absorbed into the producing layer, so the function is unchanged) to keep more weight under plain N:M")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
     p.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     _add_common(p)
@@ -91,6 +97,11 @@ def run_compile(args) -> int:
         mask_score=args.mask_score,
         sequential_calib=args.sequential_calib,
         calib_table=args.calib_table,
+        permute=args.permute,
+        quantize=args.quantize,
+        bits=args.bits,
+        calib_method=args.calib_method,
+        max_error=args.max_error,
     )
     if not args.quiet:
         print(format_summary(result))

@@ -21,6 +21,8 @@ from nmcompile.passes.adaprune import (
 )
 from nmcompile.passes.base import CompileContext, PassManager
 from nmcompile.passes.canonicalize import canonicalize_passes
+from nmcompile.passes.permute import PermuteChannels
+from nmcompile.passes.quantize import Quantize
 from nmcompile.passes.nm_mask import NMMask
 from nmcompile.passes.targets import FindTargets, WeightView
 
@@ -44,6 +46,11 @@ class CompileOptions:
     sequential_calib: bool = False
     damp: float = 0.01
     calib_table: bool = False
+    permute: bool = False
+    quantize: str | None = None
+    bits: int = 4
+    calib_method: str = "auto"
+    max_error: float | None = None
 
     def describe(self) -> dict:
         return {
@@ -51,6 +58,10 @@ class CompileOptions:
             "sequential": self.sequential,
             "transposable": self.transposable,
             "solver": self.solver,
+            "permute": self.permute,
+            "quantize": None
+            if self.quantize is None
+            else {"mode": self.quantize, "bits": 8 if self.quantize == "int8" else self.bits, "calib_method": self.calib_method, "max_error": self.max_error},
             "exclude": list(self.exclude),
             "calibration": None
             if self.calib is None
@@ -113,11 +124,15 @@ def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths) -> None:
 
 def build_pipeline(options: CompileOptions) -> PassManager:
     passes = canonicalize_passes() + [FindTargets()]
+    if options.permute and options.pattern is not None:
+        passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
     calibrated = options.calib is not None and options.pattern is not None
     if calibrated:
         passes.append(KeepDenseWeights())
     if calibrated and options.sequential_calib:
         passes.append(SequentialCalibration(options.mask_score, options.adaprune, options.damp))
+        if options.quantize is not None:
+            passes.append(Quantize())
         return PassManager(passes, given=("calib_batches",))
     if calibrated:
         passes += [CollectStatistics(), CalibrationScores(options.mask_score, options.damp)]
@@ -125,7 +140,9 @@ def build_pipeline(options: CompileOptions) -> PassManager:
         passes.append(NMMask())
     if calibrated and options.adaprune:
         passes.append(AdaPrune(options.damp))
-    return PassManager(passes, given=("calib_batches",) if calibrated else ())
+    if options.quantize is not None:
+        passes.append(Quantize())
+    return PassManager(passes, given=("calib_batches",) if options.calib is not None else ())
 
 
 def calibration_batches(loaded: graphio.LoadedModel, options: CompileOptions):
@@ -153,6 +170,11 @@ def compile_model(
     mask_score: str | None = None,
     sequential_calib: bool = False,
     calib_table: bool = False,
+    permute: bool = False,
+    quantize: str | None = None,
+    bits: int = 4,
+    calib_method: str = "auto",
+    max_error: float | None = None,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -170,6 +192,16 @@ def compile_model(
         raise UserError(f"--mask-score {mask_score!r}: expected one of {', '.join(MASK_SCORES)}")
     if mask_score != "magnitude" and calib is None:
         raise UserError(f"--mask-score {mask_score} needs --calib DATA")
+    if quantize not in (None, "int8", "log", "lut"):
+        raise UserError(f"--quantize {quantize!r}: expected int8, log or lut")
+    if quantize == "int8" and calib is None:
+        raise UserError("--quantize int8 needs --calib DATA (activation thresholds come from calibration)")
+    if max_error is not None and not (max_error > 0):
+        raise UserError("--max-error must be a positive number")
+    if max_error is not None and quantize is None:
+        raise UserError("--max-error needs --quantize")
+    if calib_table and quantize == "int8":
+        raise UserError("--calib-table is for implicit int8 builds of a float model; --quantize int8 writes explicit QDQ instead")
     if calib_table and calib is None:
         raise UserError("--calib-table needs --calib DATA (the ranges come from running the data)")
     if sequential_calib and calib is None:
@@ -187,6 +219,11 @@ def compile_model(
         mask_score=mask_score,
         sequential_calib=sequential_calib,
         calib_table=calib_table,
+        permute=permute,
+        quantize=quantize,
+        bits=bits,
+        calib_method=calib_method,
+        max_error=max_error,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)
@@ -213,7 +250,7 @@ def compile_model(
         pattern=(pattern.n, pattern.m) if pattern else None,
         sequential=sequential,
         transposable=transposable,
-        quantization=None,
+        quantization=quantize,
         model_filename=paths.model.name,
         calibration_table=table[0].name if table else None,
     )
@@ -294,7 +331,7 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "sparsity": zeros / size if size else 0.0,
             "skipped": target.skip,
         }
-        row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "fp16")
+        row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "int8" if opts.quantize == "int8" else "fp16")
         for key in (
             "retained_l1",
             "retained_score",
@@ -308,6 +345,8 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "reconstruction_error_masked",
             "reconstruction_error_adaprune",
             "calibration",
+            "permute",
+            "quant",
         ):
             if key in extra:
                 row[key] = extra[key]
@@ -328,6 +367,7 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
         "input": model_path.name,
         "options": opts.describe(),
         "canonicalize": {"batchnorm_folded_into": ctx.artifacts.get("bn_folded", [])},
+        "quantization": ctx.artifacts.get("quantization"),
         "layers": layers,
         "totals": {
             "layers": len(layers),

@@ -46,6 +46,16 @@ def format_summary(result) -> str:
         f"{eligible} layer(s) eligible for TensorRT sparse kernels (2:4 along input channels, fp16/int8, "
         f">= 256 channels; see trt_sparse.reason in the report). ONNX Runtime CPU/CUDA run N:M weights at dense speed."
     )
+    quant = report.get("quantization")
+    if quant:
+        floats = quant.get("float_layers") or []
+        err = (quant.get("output_error") or {}).get("one_minus_cosine")
+        lines.append(
+            f"quantized {quant['mode']} ({quant['bits']} bits): {quant.get('quantized_layers', '?')} layers, "
+            f"{len(floats)} kept float{(' (' + ', '.join(f.get('name', str(f)) if isinstance(f, dict) else str(f) for f in floats) + ')') if floats else ''}; "
+            f"weights {quant['weight_bytes_before']:,} -> {quant['weight_bytes_after']:,} bytes"
+            + (f"; output error 1-cos {err:.2e} on the calibration data" if err is not None else "")
+        )
     ranking = report.get("sensitivity_ranking")
     if ranking:
         lines.append("most sensitive layers (relative output error after re-fit): " + ", ".join(f"{r['name']} {r['error']:.4f}" for r in ranking[:5]))

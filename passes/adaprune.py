@@ -326,8 +326,9 @@ def collect_cross_statistics(dense_model, dense_overrides, loaded, specs, batche
     inputs = set(graph_input_names(loaded.model))
     internal = [t for t in wanted if t not in inputs]
     base = str(loaded.base_dir)
-    dense_sess = _build_session(dense_model, internal, base, dense_overrides, True) if internal else (None, None)
-    cur_sess = _build_session(loaded.model, internal, base, loaded.overrides(), True) if internal else (None, None)
+    # (session, weights fed by reference on every run)
+    dense_sess = _build_session(dense_model, internal, base, dense_overrides) if internal else (None, {})
+    cur_sess = _build_session(loaded.model, internal, base, loaded.overrides()) if internal else (None, {})
     acc: dict[str, list] = {}
     iterator = batches
     if progress:
@@ -338,9 +339,10 @@ def collect_cross_statistics(dense_model, dense_overrides, loaded, specs, batche
         iterator = tqdm(batches, desc="calibration (sequential)", leave=False, file=sys.stderr)
     for batch in iterator:
         got_d, got_s = dict(batch), dict(batch)
-        for sess, got in ((dense_sess[0], got_d), (cur_sess[0], got_s)):
+        for (sess, weights), got in ((dense_sess, got_d), (cur_sess, got_s)):
             if sess is not None:
-                feed = {i.name: batch[i.name] for i in sess.get_inputs()}
+                feed = {i.name: batch[i.name] for i in sess.get_inputs() if i.name in batch}
+                feed.update(weights)
                 got.update(zip(internal, sess.run(internal, feed)))
         for spec in specs:
             xs, xd = _rows(got_s[spec.input], spec), _rows(got_d[spec.input], spec)

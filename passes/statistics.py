@@ -13,13 +13,19 @@ vectors ``x`` the layer's weight multiplies:
 
 How it runs: a copy of the graph is made that keeps only the nodes needed to
 compute the layers' input tensors and lists those tensors as its outputs. Large
-initializers are not copied into it: they become external-data placeholders whose
-memory is handed to ONNX Runtime as OrtValues wrapping numpy arrays
-(``SessionOptions.add_external_initializers``), so ORT reads them in place. One
-CPU InferenceSession runs batch by batch; each layer accumulates
-``H += Pᵀ P`` and ``Σ P`` per chunk of sample rows, so the peak is one batch of
-the requested activations plus one chunk of patches (``chunk_bytes``, 32 MiB by
-default), never all activations.
+float initializers are not copied into it: they become graph inputs fed on every
+run from numpy arrays (views of the protobuf bytes, memory maps of external
+files, or caller-supplied ``overrides``), which ORT reads in place — it copies
+initializers, even ones passed with ``add_external_initializers``. One CPU
+InferenceSession runs batch by batch (its idle threads told not to spin); each
+batch's activations are cut into chunk jobs (≤ ``chunk_bytes`` of patch rows,
+32 MiB by default) that worker threads turn into partial ``Pᵀ P`` and ``Σ P``
+with single-threaded BLAS, merged into the float64 accumulators in job order, so
+the numbers do not depend on the thread count. Peak: one batch of the requested
+activations, plus per worker about two chunks of patches and partial products;
+never all activations. The accumulators themselves hold G·K² float64 per layer
+input (``plan_passes`` splits the layers over several passes when that is too
+much).
 
 Precision: with ``precision="float32"`` (default) each chunk's product ``PᵀP`` is
 one float32 SYRK/GEMM (at most ``chunk_bytes`` of rows, a few thousand rows) and
@@ -65,7 +71,6 @@ __all__ = [
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 # Initializers at least this large are handed to ORT by reference, not copied.
 _EXTERNAL_MIN_BYTES = 16 << 10
-_PLACEHOLDER_LOCATION = "nmcompile-stats-placeholder.bin"
 
 
 # --------------------------------------------------------------------------- specs
@@ -457,8 +462,20 @@ def _tensor_array(t: TensorProto, base_dir: str | None) -> np.ndarray | None:
     return numpy_helper.to_array(t)
 
 
+_FEEDABLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+
 def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | None,
-                   overrides: Mapping[str, np.ndarray] | None, low_memory: bool):
+                   overrides: Mapping[str, np.ndarray] | None, by_reference: bool = True):
+    """(session, weight feeds): a session over the nodes needed for ``wanted``.
+
+    With ``by_reference``, large float initializers read only by standard-domain
+    nodes become graph inputs fed on every run from numpy arrays (views of the
+    protobuf bytes, memory maps, or ``overrides``): ORT reads fed CPU arrays in
+    place, while it copies initializers — even ones handed over with
+    ``add_external_initializers`` (measured: +1.0× the weights) — and fed weights
+    cost little speed (no pre-packing; ~equal at 1024 rows per batch).
+    """
     import onnxruntime as ort
 
     g = model.graph
@@ -469,6 +486,7 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
                 producer[o] = i
     keep: set[int] = set()
     used: set[str] = set()
+    readers: dict[str, set[str]] = {}
     stack = list(wanted)
     while stack:
         t = stack.pop()
@@ -480,8 +498,10 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
             continue
         keep.add(i)
         node = g.node[i]
-        stack.extend(n for n in node.input if n)
-        stack.extend(_subgraph_refs(node))
+        refs = [n for n in node.input if n] + sorted(_subgraph_refs(node))
+        for r in refs:
+            readers.setdefault(r, set()).add(node.domain or "")
+        stack.extend(refs)
 
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -491,12 +511,13 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     mg.name = g.name or "stats"
     mg.node.extend(g.node[i] for i in sorted(keep))
     mg.input.extend(g.input)
+    declared = {vi.name for vi in g.input}
     typed = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
     mg.value_info.extend(vi for vi in g.value_info if vi.name in used)
     for t in wanted:
         mg.output.append(typed[t] if t in typed else onnx.ValueInfoProto(name=t))
 
-    names, values, keepalive = [], [], []
+    feeds: dict[str, np.ndarray] = {}
     for t in g.initializer:
         if t.name not in used:
             continue
@@ -508,28 +529,25 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
                                  f"initializer {tuple(t.dims)}")
         elif t.data_location == TensorProto.EXTERNAL:
             arr = _tensor_array(t, base_dir)  # memory-mapped
-            if arr is None:  # a type numpy cannot hold: load a copy into the graph
-                tt = mg.initializer.add()
-                tt.CopyFrom(t)
-                onnx.external_data_helper.load_external_data_for_tensor(tt, base_dir)
-                continue
         elif t.ByteSize() >= _EXTERNAL_MIN_BYTES:
             arr = _tensor_array(t, None)
         else:
             arr = None
-        if arr is None:
+        feedable = (by_reference and arr is not None and t.data_type in _FEEDABLE_TYPES
+                    and readers.get(t.name, {""}) <= {"", "ai.onnx"})
+        if feedable:
+            feeds[t.name] = arr
+            if t.name not in declared:
+                mg.input.append(helper.make_tensor_value_info(t.name, t.data_type,
+                                                              list(arr.shape)))
+        elif arr is not None:
+            mg.initializer.append(numpy_helper.from_array(np.asarray(arr), t.name))
+        elif t.data_location == TensorProto.EXTERNAL:
+            tt = mg.initializer.add()  # a type numpy cannot hold: load a copy
+            tt.CopyFrom(t)
+            onnx.external_data_helper.load_external_data_for_tensor(tt, base_dir)
+        else:
             mg.initializer.append(t)
-            continue
-        ph = mg.initializer.add()
-        ph.name = t.name
-        ph.data_type = t.data_type
-        ph.dims.extend(arr.shape)
-        ph.data_location = TensorProto.EXTERNAL
-        e = ph.external_data.add()
-        e.key, e.value = "location", _PLACEHOLDER_LOCATION
-        keepalive.append(arr)
-        names.append(t.name)
-        values.append(ort.OrtValue.ortvalue_from_numpy(arr))
     mg.sparse_initializer.extend(s for s in g.sparse_initializer if s.values.name in used)
 
     so = ort.SessionOptions()
@@ -538,15 +556,17 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     # cores between runs
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if low_memory:
-        # MLAS pre-packs MatMul/Conv weights into new buffers: one more copy of them
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    if names:
-        so.add_external_initializers(names, values)
     blob = m.SerializeToString()
     del m
-    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-    return sess, keepalive
+    try:
+        sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    except Exception:
+        if not feeds:
+            raise
+        # some kernel insists on a constant weight: embed copies instead
+        del blob
+        return _build_session(model, wanted, base_dir, overrides, by_reference=False)
+    return sess, feeds
 
 
 # --------------------------------------------------------------------------- driver
@@ -557,7 +577,6 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
                        *, precision: str = "float32", chunk_bytes: int = 32 << 20,
                        base_dir: str | None = None,
                        overrides: Mapping[str, np.ndarray] | None = None,
-                       low_memory: bool = True,
                        threads: int | None = None) -> dict[str, LayerStats]:
     """Run the calibration ``batches`` (dicts input name → array, e.g. from
     ``nmcompile.calibdata.iter_batches``) through ``model`` once and return each
@@ -566,8 +585,9 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     ``base_dir``: folder for initializers whose external data is not loaded
     (memory-mapped, never ``..``/absolute/links). ``overrides``: initializer name →
     array used instead of the model's value (e.g. already-pruned weights, for
-    sequential calibration) without editing the proto. ``low_memory`` disables
-    ORT's weight pre-packing (one copy of the weights fewer, slightly slower).
+    sequential calibration) without editing the proto; passing the arrays the
+    caller holds anyway also saves the one copy of the weights this function
+    otherwise makes (protobuf hands out ``raw_data`` only as a new bytes object).
     ``threads``: worker threads for the Gram products (default: all cores), each
     running single-threaded BLAS; results do not depend on the count.
     """
@@ -598,10 +618,10 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
         if t not in wanted:
             wanted.append(t)
 
-    sess, keepalive = (None, None)
+    sess, weight_feeds = None, {}
     sess_inputs: list[str] = []
     if wanted:
-        sess, keepalive = _build_session(model, wanted, base_dir, overrides, low_memory)
+        sess, weight_feeds = _build_session(model, wanted, base_dir, overrides)
         sess_inputs = [i.name for i in sess.get_inputs()]
 
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -617,6 +637,7 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
             tensors: dict[str, np.ndarray] = {}
             if sess is not None:
                 feed = {k: batch[k] for k in sess_inputs if k in batch}
+                feed.update(weight_feeds)
                 outs = sess.run(wanted, feed)
                 tensors = dict(zip(wanted, outs))
                 del outs
@@ -630,7 +651,7 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     finally:
         if pool is not None:
             pool.shutdown()
-    del sess, keepalive
+    del sess, weight_feeds
 
     results = {k: acc.result() for k, acc in accs.items()}
     return {s.name: results[s.key()] for s in specs}

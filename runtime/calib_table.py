@@ -148,13 +148,14 @@ def collect_ranges(loaded, batches) -> dict[str, tuple[float, float]]:
     typed |= {vi.name for vi in inferred.graph.value_info if vi.type.tensor_type.elem_type in floats}
     produced = [o for node in model.graph.node for o in node.output if o and o in typed]
     wanted = list(dict.fromkeys(produced))
-    sess, keepalive = _build_session(model, wanted, str(loaded.base_dir), loaded.overrides(), True)
+    sess, weights = _build_session(model, wanted, str(loaded.base_dir), loaded.overrides())
     names = [o.name for o in sess.get_outputs()]
     ranges: dict[str, list[float]] = {}
     for batch in batches:
-        feed = {i.name: batch[i.name] for i in sess.get_inputs()}
+        feed = {i.name: batch[i.name] for i in sess.get_inputs() if i.name in batch}
+        feed.update(weights)
         values = dict(zip(names, sess.run(names, feed)))
-        values.update({k: v for k, v in feed.items() if k in inputs and k in typed})
+        values.update({k: v for k, v in batch.items() if k in inputs and k in typed})
         for name, value in values.items():
             if value.size == 0 or value.dtype.kind != "f":
                 continue
@@ -164,7 +165,7 @@ def collect_ranges(loaded, batches) -> dict[str, tuple[float, float]]:
                 ranges[name][1] = max(ranges[name][1], hi)
             else:
                 ranges[name] = [lo, hi]
-    del sess, keepalive
+    del sess, weights
     return {k: (v[0], v[1]) for k, v in ranges.items()}
 
 

@@ -1,0 +1,301 @@
+"""int8 post-training quantization: nmcompile next to ONNX Runtime's quantize_static, in one run.
+
+    python benchmarks/bench_quantize.py [--rounds 40] [--bert-layers 4] [--bert-hidden 256]
+
+Models: the shipped digits CNN and digits encoder (test-set accuracy), and a
+BERT-style encoder from nmcompile.modelzoo (random weights; output cosine
+against fp32 on held-out random token ids).
+
+Quantizers, each run in its own subprocess on the same calibration data (the
+models' calibration .npz; for BERT 64 sequences), the output models all QDQ:
+
+  ORT MinMax    onnxruntime.quantization.quantize_static, QuantFormat.QDQ,
+                per_channel=True, CalibrationMethod.MinMax, other options default
+                (int8 activations, asymmetric), a CalibrationDataReader over the batches
+  ORT Entropy   the same with CalibrationMethod.Entropy (its defaults: 128 bins)
+  nmc auto      nmcompile's quantize pass, int8, calib_method="auto", with its
+                per-layer sensitivity pass (L+1 extra runs over the calibration data)
+  nmc kl        calib_method="kl" (TensorRT entropy, 2048 bins), no sensitivity pass
+
+Printed per model and quantizer: accuracy (or 1 - cosine for BERT) and 1 - cosine of
+the outputs against fp32 on the test inputs; wall time of the quantizer call
+(calibration included); peak resident memory of the subprocess (VmHWM) at the
+end, and before the quantizer call (after imports and loading the data); how many of the model's MatMul/Gemm/Conv
+layers ORT CPU runs as integer kernels after its optimizer (QLinearConv, QGemm,
+QLinearMatMul, MatMulIntegerToFloat, MatMulInteger, ConvInteger); CPU latency
+(median of interleaved single runs of every model of the group, so that machine
+noise hits all of them alike, and the ratio to fp32; one intra-op thread by
+default, no spinning).
+
+Then file sizes of weight-only 4-bit log / LUT models against fp32, dense and
+after 2:4 pruning (nmcompile compile_model --pattern 2:4, magnitude masks),
+with their accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger")
+
+
+def vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- worker (subprocess)
+
+
+def batches(npz: str, size: int):
+    with np.load(npz) as f:
+        data = {k: f[k] for k in f.files if k != "labels"}
+    n = len(next(iter(data.values())))
+    return [{k: v[i : i + size] for k, v in data.items()} for i in range(0, n, size)]
+
+
+def worker(spec: dict) -> dict:
+    import onnxruntime as ort
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+
+    from nmcompile import graphio
+    from nmcompile.passes.base import CompileContext
+    from nmcompile.passes.canonicalize import canonicalize_passes
+    from nmcompile.passes.quantize import Quantize
+    from nmcompile.passes.targets import FindTargets
+
+    ort.set_default_logger_severity(3)
+    feeds = batches(spec["calib"], spec["batch"])
+    base_mb = vm_hwm_mb()  # after imports and loading the calibration data
+    t0 = time.perf_counter()
+    if spec["tool"] == "ort":
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy}[spec["method"]]
+        quantize_static(spec["model"], spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True, calibrate_method=method)
+    else:
+        loaded = graphio.load_model(spec["model"])
+        opts = SimpleNamespace(pattern=None, exclude=(), progress=False, quantize="int8", calib_method=spec["method"],
+                               max_error=None, quant_sensitivity=spec["sensitivity"])
+        ctx = CompileContext(model=loaded, options=opts)
+        ctx.artifacts["calib_batches"] = lambda: iter(feeds)
+        for p in canonicalize_passes() + [FindTargets(), Quantize()]:
+            p(ctx)
+        with graphio.AtomicWriter() as w:
+            graphio.save_model(loaded, Path(spec["out"]), w)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "base_mb": base_mb, "peak_mb": vm_hwm_mb()}
+
+
+# --------------------------------------------------------------------------- driver helpers
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def session(path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    # several sessions run in turn: idle thread pools must not spin against the running one
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def integer_kernels(path) -> int:
+    import onnx
+    import onnxruntime as ort
+
+    tmp = str(path) + ".opt.onnx"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = tmp
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp).graph.node)
+    os.unlink(tmp)
+    return sum(ops[o] for o in INTEGER_OPS)
+
+
+def one_minus_cos(ref_path, path, feeds) -> float:
+    from nmcompile.passes.quantize import measure_output_error
+
+    return measure_output_error(ref_path, path, feeds)["one_minus_cosine"]
+
+
+def interleaved_latency(paths: dict[str, Path], feed: dict, rounds: int, threads: int) -> dict[str, float]:
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    for s in sessions.values():  # warm-up
+        for _ in range(3):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def count_targets(path) -> int:
+    from nmcompile import graphio
+    from nmcompile.passes.targets import find_targets
+
+    return len(find_targets(graphio.load_model(path)))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds per model")
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs (0: ORT default)")
+    ap.add_argument("--bert-layers", type=int, default=4)
+    ap.add_argument("--bert-hidden", type=int, default=256)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    import onnx
+    import onnxruntime as ort
+
+    from nmcompile import modelzoo
+
+    ort.set_default_logger_severity(3)
+    sys.path.insert(0, str(MODELS))
+    from evaluate import accuracy
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    # BERT-style encoder with random weights, calibration and held-out token ids
+    bert = modelzoo.bert_encoder(layers=args.bert_layers, hidden=args.bert_hidden, heads=4, seq="S")
+    bert_path = tmp / "bert.onnx"
+    onnx.save(bert, str(bert_path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "bert_calib.npz", input_ids=rng.integers(0, 512, size=(64, 64)).astype(np.int64))
+    np.savez(tmp / "bert_test.npz", input_ids=rng.integers(0, 512, size=(32, 64)).astype(np.int64))
+
+    groups = [
+        ("digits CNN", MODELS / "digits_cnn.onnx", MODELS / "digits_calib.npz", MODELS / "digits_test.npz", 32, True),
+        ("digits encoder", MODELS / "digits_encoder.onnx", MODELS / "digits_encoder_calib.npz", MODELS / "digits_encoder_test.npz", 32, True),
+        (f"BERT-style L{args.bert_layers} H{args.bert_hidden} S64", bert_path, tmp / "bert_calib.npz", tmp / "bert_test.npz", 8, False),
+    ]
+    quantizers = [
+        ("ORT MinMax", {"tool": "ort", "method": "minmax"}),
+        ("ORT Entropy", {"tool": "ort", "method": "entropy"}),
+        ("nmc auto", {"tool": "nmc", "method": "auto", "sensitivity": True}),
+        ("nmc kl", {"tool": "nmc", "method": "kl", "sensitivity": False}),
+    ]
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs; latency: median of {args.rounds} interleaved runs, "
+          f"{args.threads or 'default'} intra-op thread(s), batch 64 (digits) / 4x64 tokens (BERT)")
+    header = f"{'model':<26} {'quantizer':<12} {'accuracy':>9} {'1-cos':>9} {'quant s':>8} {'peak MB':>8} {'base MB':>8} {'int ops':>8} {'latency ms':>11} {'vs fp32':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, model, calib, test, batch, labelled in groups:
+        paths = {"fp32": Path(model)}
+        info: dict[str, dict] = {"fp32": {}}
+        for qname, spec in quantizers:
+            out = tmp / f"{Path(model).stem}_{qname.replace(' ', '_')}.onnx"
+            res = run_worker(dict(spec, model=str(model), calib=str(calib), out=str(out), batch=batch))
+            info[qname] = res
+            if "error" not in res:
+                paths[qname] = out
+        test_feeds = batches(str(test), 64)
+        feed = test_feeds[0] if labelled else {k: v[:4] for k, v in test_feeds[0].items()}
+        lat = interleaved_latency(paths, feed, args.rounds, args.threads)
+        n_targets = count_targets(model)
+        for qname in ["fp32"] + [q for q, _ in quantizers]:
+            res = info[qname]
+            if "error" in res:
+                print(f"{name:<26} {qname:<12} failed: {res['error']}")
+                continue
+            p = paths[qname]
+            acc = f"{accuracy(p, test) * 100:8.2f}%" if labelled else f"{'-':>9}"
+            cos = one_minus_cos(model, p, test_feeds) if qname != "fp32" else 0.0
+            kern = f"{integer_kernels(p)}/{n_targets}"
+            secs = f"{res['seconds']:8.2f}" if res else f"{'-':>8}"
+            peak = f"{res['peak_mb']:8.0f}" if res else f"{'-':>8}"
+            base = f"{res['base_mb']:8.0f}" if res else f"{'-':>8}"
+            print(f"{name:<26} {qname:<12} {acc} {cos:9.2e} {secs} {peak} {base} {kern:>8} {lat[qname] * 1e3:11.3f} {lat[qname] / lat['fp32']:8.2f}")
+        print()
+
+    # ------------------------------------------------------------------ weight-only file sizes
+    from nmcompile import graphio
+    from nmcompile.passes.base import CompileContext
+    from nmcompile.passes.canonicalize import canonicalize_passes
+    from nmcompile.passes.quantize import Quantize
+    from nmcompile.passes.targets import FindTargets
+    from nmcompile.patterns import Pattern
+    from nmcompile.pipeline import compile_model
+
+    def codebook(src, out, mode, pattern):
+        loaded = graphio.load_model(src)
+        opts = SimpleNamespace(pattern=pattern, exclude=(), progress=False, quantize=mode, bits=4, calib_method=None, max_error=None)
+        ctx = CompileContext(model=loaded, options=opts)
+        for p in canonicalize_passes() + [FindTargets(), Quantize()]:
+            p(ctx)
+        with graphio.AtomicWriter() as w:
+            graphio.save_model(loaded, Path(out), w)
+        return ctx
+
+    print("weight-only 4-bit codes: file bytes (ratio to the fp32 file of the same sparsity) and accuracy / 1-cos")
+    header = f"{'model':<26} {'variant':<16} {'bytes':>9} {'ratio':>7} {'accuracy':>9} {'1-cos':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, model, calib, test, batch, labelled in groups:
+        dense = tmp / f"{Path(model).stem}_fp32.onnx"
+        compile_model(model, output=dense, pattern=None)
+        sparse = tmp / f"{Path(model).stem}_2of4.onnx"
+        compile_model(model, output=sparse, pattern="2:4")
+        test_feeds = batches(str(test), 64)
+        for label, src, pat in (("dense", dense, None), ("2:4", sparse, Pattern(2, 4))):
+            base = os.path.getsize(src)
+            rows = [(f"{label} fp32", src)]
+            for mode in ("lut", "log"):
+                out = tmp / f"{Path(model).stem}_{label.replace(':', 'of')}_{mode}4.onnx"
+                codebook(src, out, mode, pat)
+                rows.append((f"{label} {mode}4", out))
+            for variant, p in rows:
+                size = os.path.getsize(p)
+                acc = f"{accuracy(p, test) * 100:8.2f}%" if labelled else f"{'-':>9}"
+                cos = one_minus_cos(model, p, test_feeds)
+                print(f"{name:<26} {variant:<16} {size:9d} {size / base:7.3f} {acc} {cos:9.2e}")
+        print()
+    print(f"(files in {tmp})")
+
+
+if __name__ == "__main__":
+    main()

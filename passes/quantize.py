@@ -1,0 +1,1711 @@
+"""The `quantize` pass: int8 QDQ graphs, and weight-only logarithmic / LUT codebooks.
+
+Options read from ``ctx.options`` (``getattr`` with these defaults):
+
+``quantize``            "int8" | "log" | "lut" (the pass does nothing when it is None).
+``bits``                code width for log / lut, 2..8 (default 4); int8 is always 8.
+``calib_method``        "kl" | "minmax" | "percentile" | "auto" (default "auto"):
+                        how each activation threshold is chosen from its histogram.
+``max_error``           None, or the output-error budget (see *Output error* below):
+                        the most sensitive layers are kept in float until the
+                        quantized model's error on the calibration data is within it.
+``quant_percentile``    percentile for calib_method="percentile" (default 99.99).
+``quant_sensitivity``   None (default: on for int8, on for log/lut only with
+                        max_error), True or False: measure every layer's effect on
+                        the output (needs calibration data).
+``sensitivity_samples`` at most this many calibration samples (first axis) are used
+                        for sensitivity and output-error measurements (default 512).
+``quantize_outputs``    True (default): also quantize Conv / Gemm outputs, which ORT
+                        CPU needs to fuse QLinearConv / QGemm (see *int8 graph*).
+``lut_granularity``     "auto" | "tensor" | "channel" (default "auto", see *log / lut*).
+``nm_storage``          "auto" | "dense" | "compressed" (default "auto", see *log / lut*).
+``pattern``             the N:M pattern the weights were pruned to (compressed storage).
+
+Artifacts: needs ``targets``; reads ``calib_batches`` (a zero-argument callable
+returning a fresh iterator of feed dicts; required for int8); leaves
+``quantization`` (the summary) and a ``quant`` entry in every layer's report row.
+
+int8 graph
+----------
+Weights: per-channel symmetric int8 along the output channel of the weight as
+the node sees it (Conv [O, I/g, kh, kw] axis 0; Gemm transB=1 axis 0, transB=0
+axis 1; MatMul B [K, N] axis 1): an int8 initializer ``W_quantized`` with a
+float scale per channel and an int8 zero point 0, and a DequantizeLinear with
+that axis feeding the node directly (layout chains such as Transpose are folded
+into the stored int8 tensor). Exact zeros (N:M pruned weights) quantize to 0.
+Biases stay float (TensorRT wants them float; ORT CPU fuses either way).
+
+Activations: per-tensor symmetric int8 (zero point 0), the form TensorRT's
+explicit quantization requires. Quantized: the activation input of every
+quantized Conv / MatMul / Gemm, and the output of every quantized Conv and
+Gemm where that is free or needed:
+
+* A Conv or Gemm output that reaches the next quantized input only through
+  Relu / MaxPool / layout ops gets that input's threshold, and so do the
+  tensors on the way: the ops are monotone, so quantizing twice with one scale
+  costs nothing. ORT CPU fuses DQ -> Conv -> Q into QLinearConv and
+  DQ -> Gemm -> Q into QGemm.
+* Any other Conv output read only by quantization-tolerant ops (Relu, Add,
+  Concat, pooling, layout ops, ...) is quantized with its own threshold (ORT
+  has no integer Conv with a float output from QDQ); a Conv output read by
+  e.g. Softmax or LayerNormalization, or that is a graph output, stays float
+  (that Conv then runs in float in ORT).
+* Any other Gemm keeps a float output and its bias C moves to an Add after it:
+  ORT fuses a Gemm without C (or with an int32 C, which TensorRT rejects) into
+  QGemm with a float output.
+* MatMul outputs stay float: ORT fuses DQ -> MatMul into MatMulIntegerToFloat.
+
+A tensor read only by quantized layers gets a QuantizeLinear ->
+DequantizeLinear pair per reading node, each pair with its own scale and
+zero-point initializers (same values): ORT turns int8 DQ -> MatMul into
+MatMulIntegerToFloat only when the Q feeds that one DQ, and its common
+subexpression elimination merges pairs that share initializer names (measured:
+the Q, K, V projections of a shared LayerNorm output stay float MatMuls with
+one shared Q). A Conv/Gemm output gets one Q (the node must feed exactly one
+Q) and a DequantizeLinear per reading node. Softmax inputs, normalizations and
+the attention products (MatMul of two activations) are never quantized.
+
+Measured with onnxruntime 1.31 CPU (ORT_ENABLE_EXTENDED or ALL): every
+quantized Conv becomes QLinearConv, Gemm QGemm, MatMul MatMulIntegerToFloat;
+a DequantizeLinear -> Relu -> QuantizeLinear between two layers stays (ORT
+drops a Relu before a Q only when the zero point is the type's minimum, i.e.
+asymmetric, which TensorRT does not take). TensorRT was not available to test
+the int8 graphs: they follow its explicit-quantization rules (int8 Q/DQ, zero
+point 0, per-channel weight scales on the output axis, float biases).
+
+Calibration: the tensors to quantize are added as outputs of a copy of the
+graph (only the nodes they need); one ONNX Runtime session runs the
+calibration batches twice: max |x| first, then a 2048-bin
+``StreamingHistogram.from_max_abs`` per tensor. Only one batch of activations
+is held at a time. Thresholds: "kl" TensorRT entropy (2048 bins, 128 levels,
+with pytorch-quantization's suppression of the zero bin: counts[0] := counts[1]),
+"minmax" max |x|, "percentile" the quant_percentile of |x|, "auto"
+``choose_threshold_auto`` (lowest histogram-estimated MSE among kl, minmax and
+three percentiles). Activation SQNR in the report is 10 log10(E[x^2] / MSE),
+E[x^2] exact from the first pass, the MSE estimated from the histogram.
+
+Output error
+------------
+``output_error`` = 1 - cosine similarity between the float model's outputs and
+the quantized model's outputs, each output tensor flattened over all the
+measured calibration samples (streamed: sums of a*b, a*a, b*b), the worst over
+the model's float outputs. The relative L2 error ||a - b|| / ||a|| is reported
+beside it. ``measure_output_error`` computes both for any two models, so a
+budget can be checked independently.
+
+Sensitivity (int8 by default): the all-quantized model's error is measured,
+then for every layer the error with only that layer kept float
+(leave-one-out, L+1 runs over the sensitivity samples). With ``max_error``,
+layers are ranked by that error (lowest first: keeping them float helps most),
+and the smallest prefix of the ranking whose measured error is within the
+budget is kept float (binary search over the prefix length, every probe
+measured; all layers float is the float model, error 0).
+
+log / lut (weight-only)
+-----------------------
+No calibration data needed. Every target weight (the stored initializer, so
+every use and layout chain stays as it was) is replaced by one node that
+computes a tensor of the same name, a call of an ONNX local function (domain
+"nmcompile", defined once per decoding layout in the model's function list):
+
+    codes (uint8 [1, P], packed) -> Cast int32 -> Div [[1], [16]] -> Mod 16 -> Reshape
+        -> Slice -> Reshape [-> Add per-channel offsets] -> Gather(codebook)
+        [-> Mul per-channel scale]
+
+Packing is planar: with 4-bit codes, byte i holds code i in its low nibble and
+code i + P in its high nibble, P = ceil(n/2) (2-bit: four planes; 5..8 bits:
+one byte per code), so Div by the plane weights and Mod give every plane at
+once. All of it is integer arithmetic of opset 10 (no BitShift, no UINT4, which
+needs opset 21, external-data support and Cast support). ONNX Runtime inlines
+the function and folds it into a float constant at load, before partitioning
+the graph among execution providers: the file shrinks, runtime memory and
+speed are those of the float model. One node per weight keeps the graph's own
+bytes small next to the codes (small shape/count constants are shared by value).
+
+log: sign + power-of-two codes times a per-channel max |w| (``log_quantize``).
+lut: exact 1-D k-means codebooks (``lut_quantize``, zero has its own code 0).
+``lut_granularity`` "tensor": one codebook for the weight divided by its
+per-channel max |w| (the k-means weighted by scale^2, so it minimizes the
+error of the real weights), then Mul by the scale; "channel": one codebook
+per output channel (Add of c * 2^bits before the Gather, no Mul); "auto":
+channel where the codebooks cost at most 1/8 of the codes (>= 1024 weights per
+channel at 4 bits), tensor elsewhere.
+
+N:M storage: a weight whose every group of M along the reduction axis holds at
+most N nonzeros can store only N codes per group plus each one's position in
+the group (ceil(log2 M) bits, packed the same way), decoded with
+ConstantOfShape + ScatterElements on the reduction axis split into (groups, M)
+(opset 11). For 2:4 at 4 bits that is 3 bits per weight instead of 4.
+``nm_storage`` "compressed" takes it wherever it applies, "auto" where the
+serialized initializers and node are smaller than the dense codes, "dense"
+never. Only for weights read by one node with no layout chain. N:M zeros decode
+to exactly 0 in every mode (code 0, and scatter's zeros).
+
+Opset: int8 per-channel weights need DequantizeLinear's ``axis`` (opset 13).
+The default-domain opset import is raised only when every op of the graph has
+the same definition at both versions (``onnx.defs`` since_version), which
+changes no node's meaning; otherwise int8 weights fall back to per-tensor
+scales (opset 10-12); log/lut store one code per byte below opset 10 and use
+no N:M-compressed storage below opset 11.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from nmcompile.errors import UserError
+from nmcompile.graph import GraphIndex, attr, opset_version
+
+from . import quant_math as qm
+from .base import CompileContext, Pass, PassResult
+from .targets import LAYOUT_OPS, Target, Use, WeightView, _chain_ok
+
+__all__ = [
+    "Quantize",
+    "QuantOptions",
+    "measure_output_error",
+    "OutputErrorMeter",
+    "pack_planar",
+    "unpack_planar",
+    "code_field_width",
+]
+
+MODES = ("int8", "log", "lut")
+CALIB_METHODS = ("kl", "minmax", "percentile", "auto")
+NUM_BINS = 2048
+INT8_OPSET = 13  # DequantizeLinear axis (per-channel)
+QDQ_MIN_OPSET = 10
+PACK_OPSET = 10  # Mod, Slice with inputs
+SCATTER_OPSET = 11  # ScatterElements
+_EXTERNAL_MIN_BYTES = 16 << 10
+_PLACEHOLDER = "nmcompile-quantize-placeholder.bin"
+
+# Ops through which a Conv output may reach the next quantized input with the same scale.
+_MONOTONE = {"Relu", "MaxPool"} | (LAYOUT_OPS - {"Identity"}) | {"Identity"}
+# Consumers that may read a quantized Conv output.
+_OUTPUT_OK = {
+    "Relu", "Clip", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "Add", "Concat", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+    "Conv", "MatMul", "Gemm", "Resize", "Pad", "Slice", "Split",
+}
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass
+class QuantOptions:
+    mode: str
+    bits: int = 4
+    calib_method: str = "auto"
+    max_error: float | None = None
+    percentile: float = 99.99
+    sensitivity: bool | None = None
+    sensitivity_samples: int = 512
+    quantize_outputs: bool = True
+    lut_granularity: str = "auto"
+    nm_storage: str = "auto"
+    pattern: tuple[int, int] | None = None
+
+    @classmethod
+    def from_options(cls, opts) -> "QuantOptions | None":
+        mode = getattr(opts, "quantize", None)
+        if mode is None or mode in ("none", ""):
+            return None
+        if mode not in MODES:
+            raise UserError(f"--quantize {mode!r}: expected one of {', '.join(MODES)}")
+        bits = getattr(opts, "bits", None)
+        bits = 8 if mode == "int8" else (4 if bits is None else bits)  # int8 ignores --bits
+        try:
+            bits = int(bits)
+        except (TypeError, ValueError):
+            raise UserError(f"--bits {bits!r}: expected an integer") from None
+        if mode != "int8" and not 2 <= bits <= 8:
+            raise UserError(f"--bits {bits}: {mode} codes take 2 to 8 bits")
+        method = getattr(opts, "calib_method", None) or "auto"
+        if method not in CALIB_METHODS:
+            raise UserError(f"--calib-method {method!r}: expected one of {', '.join(CALIB_METHODS)}")
+        max_error = getattr(opts, "max_error", None)
+        if max_error is not None:
+            try:
+                max_error = float(max_error)
+            except (TypeError, ValueError):
+                raise UserError(f"--max-error {max_error!r}: expected a number") from None
+            if not (math.isfinite(max_error) and max_error >= 0):
+                raise UserError(f"--max-error {max_error}: expected a number >= 0")
+        pct = float(getattr(opts, "quant_percentile", None) or 99.99)
+        if not 0 < pct <= 100:
+            raise UserError(f"percentile {pct}: expected a value in (0, 100]")
+        gran = getattr(opts, "lut_granularity", None) or "auto"
+        if gran not in ("auto", "tensor", "channel"):
+            raise UserError(f"lut granularity {gran!r}: expected auto, tensor or channel")
+        storage = getattr(opts, "nm_storage", None) or "auto"
+        if storage not in ("auto", "dense", "compressed"):
+            raise UserError(f"nm storage {storage!r}: expected auto, dense or compressed")
+        pattern = getattr(opts, "pattern", None)
+        nm = None
+        if pattern is not None and hasattr(pattern, "n") and hasattr(pattern, "m"):
+            nm = (int(pattern.n), int(pattern.m))
+        elif isinstance(pattern, (tuple, list)) and len(pattern) == 2:
+            nm = (int(pattern[0]), int(pattern[1]))
+        samples = int(getattr(opts, "sensitivity_samples", None) or 512)
+        return cls(
+            mode=mode,
+            bits=bits,
+            calib_method=method,
+            max_error=max_error,
+            percentile=pct,
+            sensitivity=getattr(opts, "quant_sensitivity", None),
+            sensitivity_samples=max(1, samples),
+            quantize_outputs=bool(getattr(opts, "quantize_outputs", True)),
+            lut_granularity=gran,
+            nm_storage=storage,
+            pattern=nm,
+        )
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _finite_or_none(x: float | None, ndigits: int = 3):
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), ndigits)
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _subgraph_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    names |= _subgraph_names(g)
+    return names
+
+
+def _referenced(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes (and their subgraphs) read."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                names |= _subgraph_names(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    names |= _subgraph_names(g)
+    return names
+
+
+class _Namer:
+    """Fresh, deterministic names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        taken = {t.name for t in graph.initializer}
+        taken |= {i.name for i in graph.input} | {o.name for o in graph.output}
+        for node in graph.node:
+            taken.add(node.name)
+            taken.update(node.output)
+            taken.update(node.input)
+        taken |= _subgraph_names(graph)
+        self.taken = taken
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def _can_raise_opset(model: onnx.ModelProto, new: int) -> bool:
+    """True when every default-domain op in the model means the same at opset `new`."""
+    old = opset_version(model)
+    if old >= new:
+        return True
+    if old <= 0:
+        return False
+
+    def nodes_of(graph):
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes_of(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from nodes_of(g)
+
+    all_nodes = list(nodes_of(model.graph))
+    for f in model.functions:
+        all_nodes.extend(f.node)
+    for op in sorted({n.op_type for n in all_nodes if n.domain in ("", "ai.onnx")}):
+        try:
+            a = onnx.defs.get_schema(op, old, "").since_version
+            b = onnx.defs.get_schema(op, new, "").since_version
+        except Exception:
+            return False
+        if a != b:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- code packing
+
+
+def code_field_width(bits: int) -> int:
+    """Bits per stored code field: 2 for 1-2 bit codes, 4 for 3-4, 8 for 5-8."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_planar(codes: np.ndarray, width: int) -> np.ndarray:
+    """Pack unsigned codes `width` bits each (2, 4 or 8), planar: plane j holds codes j*P .. j*P+P-1.
+
+    Byte i = sum_j codes[j*P + i] << (j*width), P = ceil(n / (8/width)); the tail is 0.
+    """
+    c = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    f = 8 // width
+    if f == 1:
+        return c.copy()
+    if c.size and int(c.max()) >= (1 << width):
+        raise ValueError(f"codes do not fit in {width} bits")
+    p = -(-c.size // f)
+    padded = np.zeros(f * p, np.uint8)
+    padded[: c.size] = c
+    planes = padded.reshape(f, p)
+    out = np.zeros(p, np.uint8)
+    for j in range(f):
+        out |= (planes[j] << (j * width)).astype(np.uint8)
+    return out
+
+
+def unpack_planar(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Inverse of pack_planar: `count` uint8 codes."""
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    f = 8 // width
+    if f == 1:
+        return p[:count].copy()
+    mask = (1 << width) - 1
+    planes = [(p >> (j * width)) & mask for j in range(f)]
+    return np.concatenate(planes)[:count].astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime sessions
+
+
+class _Sessions:
+    """Builds CPU sessions over edited node lists without copying large initializers."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def _array_for(self, t: TensorProto) -> np.ndarray | None:
+        loaded = self.loaded
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        except Exception:
+            return None
+        if dtype.kind not in "biuf" or t.data_type in (TensorProto.BFLOAT16,) or t.data_type >= TensorProto.FLOAT8E4M3FN:
+            return None
+        if t.name in loaded.changed:
+            return np.ascontiguousarray(loaded.array(t.name))
+        if t.data_location == TensorProto.EXTERNAL:
+            return loaded.array(t.name)
+        if t.ByteSize() < _EXTERNAL_MIN_BYTES:
+            return None
+        if t.HasField("raw_data") or t.raw_data:
+            return np.frombuffer(t.raw_data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(t.dims))
+        return numpy_helper.to_array(t)
+
+    def create(self, nodes: list[onnx.NodeProto], outputs: list[str], new_inits: Mapping[str, np.ndarray] | None = None,
+               removed: set[str] | frozenset = frozenset(), opset: int | None = None, drop_inputs: set[str] | frozenset = frozenset(),
+               prune: bool = False, functions: list[onnx.FunctionProto] = (), domains: Mapping[str, int] | None = None):
+        import onnxruntime as ort
+
+        src = self.loaded.model
+        new_inits = dict(new_inits or {})
+        if prune:
+            nodes = _needed_nodes(nodes, outputs)
+        m = onnx.ModelProto()
+        m.ir_version = src.ir_version
+        for op in src.opset_import:
+            o = m.opset_import.add()
+            o.CopyFrom(op)
+            if opset is not None and op.domain in ("", "ai.onnx"):
+                o.version = max(o.version, opset)
+        m.functions.extend(src.functions)
+        m.functions.extend(functions)
+        for dom, ver in (domains or {}).items():
+            if not any(o.domain == dom for o in m.opset_import):
+                m.opset_import.append(helper.make_opsetid(dom, ver))
+        if functions and m.ir_version < 8:
+            m.ir_version = 8
+        g = m.graph
+        g.name = src.graph.name or "graph"
+        g.node.extend(nodes)
+        refs = _referenced(nodes)
+        src_inits = {t.name for t in src.graph.initializer}
+        g.input.extend(i for i in src.graph.input
+                       if i.name not in drop_inputs and i.name not in removed and (i.name not in src_inits or i.name in refs))
+        typed = {vi.name: vi for vi in list(src.graph.value_info) + list(src.graph.output)}
+        for o in outputs:
+            g.output.append(typed[o] if o in typed else onnx.ValueInfoProto(name=o))
+        produced = {o for n in nodes for o in n.output}
+        g.value_info.extend(vi for vi in src.graph.value_info if vi.name in produced and vi.name not in set(outputs))
+        names, values, keep = [], [], []
+
+        def add(name: str, t: TensorProto | None, arr: np.ndarray | None):
+            if arr is None or arr.nbytes < _EXTERNAL_MIN_BYTES:
+                if t is None:
+                    g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+                else:
+                    tt = g.initializer.add()
+                    tt.CopyFrom(t)
+                    if tt.data_location == TensorProto.EXTERNAL:
+                        if arr is None:
+                            onnx.external_data_helper.load_external_data_for_tensor(tt, str(self.loaded.base_dir))
+                        else:
+                            del g.initializer[-1]
+                            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+                    elif name in self.loaded.changed and arr is not None:
+                        del g.initializer[-1]
+                        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+                return
+            arr = np.ascontiguousarray(arr)
+            ph = g.initializer.add()
+            ph.name = name
+            ph.data_type = helper.np_dtype_to_tensor_dtype(arr.dtype)
+            ph.dims.extend(arr.shape)
+            ph.data_location = TensorProto.EXTERNAL
+            e = ph.external_data.add()
+            e.key, e.value = "location", _PLACEHOLDER
+            keep.append(arr)
+            names.append(name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+
+        for t in src.graph.initializer:
+            if t.name in removed or t.name in new_inits or t.name not in refs:
+                continue
+            arr = self._array_for(t)
+            if arr is None and t.name in self.loaded.changed:
+                arr = np.ascontiguousarray(self.loaded.array(t.name))
+            add(t.name, t, arr)
+        for name, arr in new_inits.items():
+            if name in refs:
+                add(name, None, np.asarray(arr))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        # numpy works between runs (histograms, error sums): idle ORT threads must not spin
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if names:
+            so.add_external_initializers(names, values)
+        blob = m.SerializeToString()
+        del m
+        sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        sess._nmcompile_keepalive = (keep, values)  # the OrtValues borrow these buffers
+        return sess
+
+
+def _needed_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    producer = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                producer[o] = i
+    keep: set[int] = set()
+    stack = list(outputs)
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        i = producer.get(t)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        stack.extend(x for x in nodes[i].input if x)
+        stack.extend(_referenced([nodes[i]]) - set(nodes[i].input))
+    return [nodes[i] for i in sorted(keep)]
+
+
+def _feed(sess, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [i.name for i in sess.get_inputs()]
+    return {k: batch[k] for k in names if k in batch}
+
+
+# --------------------------------------------------------------------------- output error
+
+
+class OutputErrorMeter:
+    """Streams 1 - cosine and relative L2 between reference and test outputs."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.sums = {n: np.zeros(4) for n in names}  # ab, aa, bb, (a-b)^2
+
+    def add(self, ref: list[np.ndarray], test: list[np.ndarray]) -> None:
+        for n, a, b in zip(self.names, ref, test):
+            a = np.asarray(a, dtype=np.float64).reshape(-1)
+            b = np.asarray(b, dtype=np.float64).reshape(-1)
+            d = a - b
+            # np.sum of products, not BLAS dot: OpenBLAS threads wake slowly next to ORT's pool
+            self.sums[n] += (float(np.sum(a * b)), float(np.sum(a * a)), float(np.sum(b * b)), float(np.sum(d * d)))
+
+    def result(self) -> dict:
+        per = {}
+        for n, (ab, aa, bb, dd) in self.sums.items():
+            if aa == 0 and bb == 0:
+                cos = 1.0
+            elif aa == 0 or bb == 0:
+                cos = 0.0
+            else:
+                cos = ab / math.sqrt(aa * bb)
+            rel = math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf)
+            per[n] = {"cosine": float(cos), "one_minus_cosine": float(max(0.0, 1.0 - cos)), "rel_l2": float(rel)}
+        worst = max((p["one_minus_cosine"] for p in per.values()), default=0.0)
+        worst_rel = max((p["rel_l2"] for p in per.values()), default=0.0)
+        return {"one_minus_cosine": worst, "rel_l2": worst_rel, "outputs": per}
+
+
+def _float_outputs(sess) -> list[str]:
+    return [o.name for o in sess.get_outputs() if o.type in ("tensor(float)", "tensor(double)", "tensor(float16)")]
+
+
+def measure_output_error(reference, candidate, batches: Iterable[Mapping[str, np.ndarray]]) -> dict:
+    """Output error of `candidate` against `reference` (paths, bytes or ModelProtos) over `batches`.
+
+    Returns {"one_minus_cosine": worst over float outputs, "rel_l2": worst, "outputs": {name: {...}}}:
+    the same measure the quantize pass budgets with ``max_error``.
+    """
+    import onnxruntime as ort
+
+    def sess_of(m):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if isinstance(m, onnx.ModelProto):
+            m = m.SerializeToString()
+        return ort.InferenceSession(m if isinstance(m, bytes) else str(m), so, providers=["CPUExecutionProvider"])
+
+    ra, rb = sess_of(reference), sess_of(candidate)
+    names = _float_outputs(ra)
+    meter = OutputErrorMeter(names)
+    for batch in batches:
+        meter.add(ra.run(names, _feed(ra, batch)), rb.run(names, _feed(rb, batch)))
+    return meter.result()
+
+
+class _Evaluator:
+    """Output error of graph edits against the float model on a fixed set of calibration batches."""
+
+    def __init__(self, sessions: _Sessions, batches: list[dict], base_nodes: list[onnx.NodeProto]):
+        self.sessions = sessions
+        self.batches = batches
+        graph = sessions.loaded.model.graph
+        outputs = [o.name for o in graph.output]
+        ref = sessions.create(base_nodes, outputs)
+        self.names = _float_outputs(ref)
+        self.reference = [ref.run(self.names, _feed(ref, b)) for b in batches] if self.names else []
+        self.samples = sum(_batch_len(b) for b in batches)
+        self.runs = 0
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.names) and bool(self.batches)
+
+    def error(self, edit: "_GraphEdit") -> dict:
+        sess = self.sessions.create(edit.nodes, self.names, edit.new_inits, edit.removed, edit.opset, edit.drop_inputs,
+                                    functions=edit.functions, domains=edit.domains)
+        meter = OutputErrorMeter(self.names)
+        for b, ref in zip(self.batches, self.reference):
+            meter.add(ref, sess.run(self.names, _feed(sess, b)))
+        self.runs += 1
+        return meter.result()
+
+
+def _batch_len(batch: Mapping[str, np.ndarray]) -> int:
+    for v in batch.values():
+        a = np.asarray(v)
+        return int(a.shape[0]) if a.ndim else 1
+    return 0
+
+
+def _take_samples(make: Callable[[], Iterable[Mapping[str, np.ndarray]]], limit: int) -> list[dict]:
+    out, n = [], 0
+    for b in make():
+        out.append(dict(b))
+        n += _batch_len(b)
+        if n >= limit:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------- graph edits
+
+
+@dataclass
+class _GraphEdit:
+    nodes: list[onnx.NodeProto]
+    new_inits: dict[str, np.ndarray]
+    removed: set[str]
+    opset: int | None = None
+    drop_inputs: set[str] = field(default_factory=set)
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
+    domains: dict[str, int] = field(default_factory=dict)
+
+
+def _dead_chain_nodes(nodes: list[onnx.NodeProto], candidates: set[str], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """Drop candidate nodes (weight layout chains) whose outputs nobody reads any more."""
+    nodes = list(nodes)
+    while True:
+        used = _referenced(nodes) | graph_outputs
+        keep = [n for n in nodes if n.name not in candidates or any(o in used for o in n.output if o)]
+        if len(keep) == len(nodes):
+            return keep
+        nodes = keep
+
+
+def _finish_edit(loaded, nodes: list[onnx.NodeProto], new_inits: dict[str, np.ndarray], chain_nodes: set[str],
+                 candidates: set[str], opset: int | None, drop_inputs: set[str] | None = None) -> _GraphEdit:
+    graph = loaded.model.graph
+    outs = {o.name for o in graph.output}
+    nodes = _dead_chain_nodes(nodes, chain_nodes, outs)
+    refs = _referenced(nodes) | outs
+    removed = {name for name in candidates if name not in refs and loaded.initializer(name) is not None}
+    return _GraphEdit(nodes, new_inits, removed, opset, set(drop_inputs or ()) | removed)
+
+
+def _chain_signature(use: Use) -> tuple:
+    return tuple((n.op_type, tuple(n.input[1:]), tuple(a.SerializeToString() for a in n.attribute)) for n in use.chain)
+
+
+def _weight_feed(target: Target, use: Use) -> str:
+    return use.chain[-1].output[0] if use.chain else target.weight
+
+
+def _chain_problem(loaded, target: Target) -> str | None:
+    stored = loaded.initializer(target.weight)
+    if stored is None:
+        return "weight initializer not found"
+    for use in target.uses:
+        problem = _chain_ok(use.chain, stored)
+        if problem:
+            return problem
+    return None
+
+
+# --------------------------------------------------------------------------- int8
+
+
+@dataclass
+class _QUse:
+    node: onnx.NodeProto
+    use: Use
+    w_slot: int
+    act: str
+    wkey: tuple
+
+
+@dataclass
+class _WeightQ:
+    q: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    sqnr: float
+
+
+@dataclass
+class _Int8Layer:
+    target: Target
+    quses: list[_QUse]
+    reason: str | None = None
+    weights: dict[tuple, _WeightQ] = field(default_factory=dict)
+
+
+@dataclass
+class _ActStats:
+    dtype: str | None = None
+    max_abs: float = 0.0
+    sumsq: float = 0.0
+    count: int = 0
+    nonfinite: int = 0
+    hist: qm.StreamingHistogram | None = None
+    threshold: float = 0.0
+    method: str = ""
+    candidates: dict = field(default_factory=dict)
+    sqnr: float | None = None
+
+
+@dataclass
+class _Point:
+    tensor: str
+    threshold: float
+    all_consumers: bool
+    consumers: set[str]  # node names reading the quantized value (when not all_consumers)
+    source: str  # tensor whose statistics chose the threshold
+
+
+class _Int8:
+    def __init__(self, ctx: CompileContext, qopts: QuantOptions, targets: list[Target]):
+        self.ctx = ctx
+        self.loaded = ctx.model
+        self.qopts = qopts
+        self.targets = targets
+        graph = self.loaded.model.graph
+        self.base_nodes = list(graph.node)
+        names = [n.name for n in self.base_nodes]
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise RuntimeError("quantize needs unique node names (run the name-nodes pass first)")
+        self.index = GraphIndex(graph)
+        self.graph_outputs = {o.name for o in graph.output}
+        self.graph_inputs = {i.name for i in graph.input} - set(self.index.initializers)
+        opset = opset_version(self.loaded.model)
+        self.opset_new: int | None = None
+        self.per_channel = True
+        if opset < INT8_OPSET:
+            if _can_raise_opset(self.loaded.model, INT8_OPSET):
+                self.opset_new = INT8_OPSET
+            elif opset >= QDQ_MIN_OPSET:
+                self.per_channel = False
+            else:
+                raise UserError(f"--quantize int8 needs opset >= {QDQ_MIN_OPSET} (QuantizeLinear); the model has opset {opset}")
+        self.layers = [self._layer(t) for t in targets]
+        self.stats: dict[str, _ActStats] = {}
+        self.weight_names: dict[tuple, dict] = {}  # initializer names chosen by the latest edit()
+
+    # -- plan -----------------------------------------------------------------
+    def _layer(self, target: Target) -> _Int8Layer:
+        layer = _Int8Layer(target, [])
+        problem = _chain_problem(self.loaded, target)
+        if problem:
+            layer.reason = f"weight not quantizable: {problem}"
+            return layer
+        for use in target.uses:
+            node = use.node
+            feed = _weight_feed(target, use)
+            if node.op_type == "MatMul":
+                if node.input[1] == feed:
+                    w_slot = 1
+                else:
+                    layer.reason = "weight is MatMul's first input (no per-channel integer MatMul for it)"
+                    return layer
+            else:
+                w_slot = 1
+            act = node.input[0]
+            if not act or act in self.index.initializers:
+                layer.reason = "activation input is a constant"
+                return layer
+            if node.op_type == "MatMul" and len(use.eff_shape) != 2:
+                layer.reason = f"{len(use.eff_shape)}-D MatMul weight"
+                return layer
+            layer.quses.append(_QUse(node, use, w_slot, act, (tuple(use.eff_shape), use.out_axis, _chain_signature(use))))
+        return layer
+
+    def active(self, float_set: set[str]) -> list[_Int8Layer]:
+        return [l for l in self.layers if l.reason is None and l.target.name not in float_set]
+
+    def calibration_tensors(self) -> list[str]:
+        wanted: list[str] = []
+        for layer in self.active(set()):
+            for q in layer.quses:
+                if q.act not in wanted:
+                    wanted.append(q.act)
+                if self.qopts.quantize_outputs and q.node.op_type == "Conv":
+                    y = q.node.output[0]
+                    if y not in self.graph_outputs and y not in wanted:
+                        wanted.append(y)
+        return wanted
+
+    # -- calibration ------------------------------------------------------------
+    def calibrate(self, make_batches, sessions: _Sessions) -> None:
+        wanted = self.calibration_tensors()
+        run_names = [t for t in wanted if t not in self.graph_inputs]
+        stats = {t: _ActStats() for t in wanted}
+        sess = sessions.create(self.base_nodes, run_names, prune=True) if run_names else None
+
+        def tensors_of(batch):
+            outs = dict(zip(run_names, sess.run(run_names, _feed(sess, batch)))) if sess is not None else {}
+            for t in wanted:
+                if t in self.graph_inputs:
+                    if t not in batch:
+                        raise UserError(f"calibration data has no array for model input {t!r}")
+                    outs[t] = np.asarray(batch[t])
+            return outs
+
+        nbatches = 0
+        for batch in self.ctx.progress(make_batches(), desc="calibration: max |x|"):
+            nbatches += 1
+            for t, a in tensors_of(batch).items():
+                s = stats[t]
+                s.dtype = str(a.dtype)
+                if a.dtype.kind != "f" or a.size == 0:
+                    continue
+                fin = np.isfinite(a)
+                if not fin.all():
+                    s.nonfinite += int(a.size - np.count_nonzero(fin))
+                    a = a[fin]
+                    if a.size == 0:
+                        continue
+                s.max_abs = max(s.max_abs, float(np.max(np.abs(a))))
+                s.sumsq += float(np.sum(np.square(a, dtype=np.float64)))
+                s.count += int(a.size)
+        if nbatches == 0:
+            raise UserError("calibration data holds no batches")
+        for s in stats.values():
+            if s.dtype == "float32" and s.max_abs > 0:
+                s.hist = qm.StreamingHistogram.from_max_abs(s.max_abs, NUM_BINS)
+        for batch in self.ctx.progress(make_batches(), desc="calibration: histograms"):
+            for t, a in tensors_of(batch).items():
+                h = stats[t].hist
+                if h is not None:
+                    h.update(a)
+        for t, s in stats.items():
+            self._threshold(s)
+        self.stats = stats
+        for layer in self.layers:
+            if layer.reason:
+                continue
+            for q in layer.quses:
+                d = stats[q.act].dtype
+                if d != "float32":
+                    layer.reason = f"activation {q.act!r} is {d}, not float32"
+                    break
+
+    def _threshold(self, s: _ActStats) -> None:
+        if s.hist is None:
+            s.threshold, s.method = 1.0, "zero-tensor"
+            return
+        method = self.qopts.calib_method
+        h = s.hist
+        if method == "kl":
+            # pytorch-quantization's zero-bin suppression: the spike of exact zeros after a
+            # Relu otherwise drags the KL optimum far below the data (1.9 dB SQNR measured on
+            # the digits encoder's MLP activation without it)
+            t = h.kl_threshold(128, 128, suppress_zero_bin=True)
+        elif method == "minmax":
+            t = h.max_abs
+        elif method == "percentile":
+            t = h.percentile_threshold(self.qopts.percentile)
+        else:
+            choice = qm.choose_threshold_auto(h, bits=8)
+            t, method = choice.threshold, choice.method
+            s.candidates = {k: float(v) for k, v in choice.thresholds.items()}
+        if not (t > 0 and math.isfinite(t)):
+            t, method = h.max_abs, method + "->minmax"
+        s.threshold, s.method = float(t), method
+        mse = qm.histogram_quantization_error(h, s.threshold, 8)
+        power = s.sumsq / s.count if s.count else 0.0
+        s.sqnr = math.inf if mse == 0 else (10 * math.log10(power / mse) if power > 0 else -math.inf)
+
+    # -- weights -----------------------------------------------------------------
+    def quantize_weights(self) -> None:
+        for layer in self.layers:
+            if layer.reason:
+                continue
+            for q in layer.quses:
+                if q.wkey in layer.weights:
+                    continue
+                eff = WeightView(self.loaded, layer.target.weight, q.use).effective().astype(np.float32)
+                if self.per_channel:
+                    wq, scale = qm.quantize_weight_per_channel(eff, axis=q.use.out_axis, bits=8)
+                    axis = q.use.out_axis
+                    deq = qm.dequantize_per_channel(wq, scale, axis)
+                else:
+                    wq, scale = qm.quantize_weight_per_channel(eff.reshape(1, -1), axis=0, bits=8)
+                    wq = wq.reshape(eff.shape)
+                    scale = scale.reshape(())
+                    axis = None
+                    deq = wq.astype(np.float32) * scale
+                layer.weights[q.wkey] = _WeightQ(wq, scale.astype(np.float32), axis, qm.sqnr_db(eff, deq))
+
+    # -- graph -------------------------------------------------------------------
+    def points(self, active: list[_Int8Layer]) -> dict[str, _Point]:
+        pts: dict[str, _Point] = {}
+        for layer in active:
+            for q in layer.quses:
+                s = self.stats[q.act]
+                p = pts.setdefault(q.act, _Point(q.act, s.threshold, False, set(), q.act))
+                p.consumers.add(q.node.name)
+        if not self.qopts.quantize_outputs:
+            return pts
+        inputs = set(pts)
+        for layer in active:
+            for q in layer.quses:
+                if q.node.op_type not in ("Conv", "Gemm"):
+                    continue
+                y = q.node.output[0]
+                if y in self.graph_outputs:
+                    continue
+                z, chain = self._walk(y, inputs)
+                if z is not None and chain:
+                    for t in chain:
+                        if t not in pts:
+                            pts[t] = _Point(t, pts[z].threshold, True, set(), z)
+                        else:
+                            pts[t].all_consumers = True
+                    continue
+                if not all(n.op_type in _OUTPUT_OK for n, _ in self.index.uses(y)):
+                    continue
+                if z == y:
+                    pts[y].all_consumers = True
+                elif q.node.op_type == "Conv" and y in self.stats and self.stats[y].dtype == "float32":
+                    pts[y] = _Point(y, self.stats[y].threshold, True, set(), y)
+        return pts
+
+    def _walk(self, y: str, inputs: set[str]) -> tuple[str | None, list[str]]:
+        t, chain = y, []
+        for _ in range(64):
+            if t in inputs:
+                return t, chain
+            cons = self.index.uses(t)
+            if len(cons) != 1 or t in self.graph_outputs:
+                return None, []
+            n, _ = cons[0]
+            if n.op_type not in _MONOTONE or n.domain not in ("", "ai.onnx") or len([o for o in n.output if o]) != 1:
+                return None, []
+            if n.op_type in LAYOUT_OPS and any(i and i not in self.index.initializers for i in n.input[1:]):
+                return None, []
+            chain.append(t)
+            t = n.output[0]
+        return None, []
+
+    def edit(self, float_set: set[str]) -> _GraphEdit:
+        graph = self.loaded.model.graph
+        namer = _Namer(graph)
+        active = self.active(float_set)
+        pts = self.points(active)
+        new_inits: dict[str, np.ndarray] = {}
+        head: list[onnx.NodeProto] = []
+        # weights
+        wname: dict[tuple[str, tuple], str] = {}
+        for layer in active:
+            w = layer.target.weight
+            for key, wq in layer.weights.items():
+                qn = namer(f"{w}_quantized")
+                sn = namer(f"{w}_scale")
+                zn = namer(f"{w}_zero_point")
+                out = namer(f"{w}_dequantized")
+                new_inits[qn] = wq.q
+                new_inits[sn] = wq.scale
+                new_inits[zn] = np.zeros(wq.scale.shape, np.int8)
+                kw = {} if wq.axis is None else {"axis": int(wq.axis)}
+                head.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=namer(f"{w}_DequantizeLinear"), **kw))
+                wname[(w, key)] = out
+                self.weight_names[(w, key)] = {"weight": qn, "scale": sn, "zero_point": zn, "axis": wq.axis}
+        # activations. A tensor read only by quantized layers (an input point) gets a
+        # QuantizeLinear -> DequantizeLinear pair per reading node, each with its own scale and
+        # zero-point initializers (same values): ORT CPU fuses DQ -> MatMul into
+        # MatMulIntegerToFloat only when the int8 Q feeds that one DQ, and its common
+        # subexpression elimination would merge pairs that share initializer names. A tensor
+        # all of whose readers take the quantized value (a Conv/Gemm output) gets one Q, so that
+        # the Conv/Gemm feeds exactly one Q, and a DequantizeLinear per reading node.
+        rename: dict[tuple[str, str], str] = {}  # (node name, tensor) -> dequantized tensor
+        after: dict[str, list[onnx.NodeProto]] = {}  # producer node name ("" for graph inputs) -> nodes to emit after it
+        for t, p in pts.items():
+            readers: list[onnx.NodeProto] = []
+            for n, _ in self.index.uses(t):
+                if (p.all_consumers or n.name in p.consumers) and all(r.name != n.name for r in readers):
+                    readers.append(n)
+            scale = np.array(p.threshold / 127.0, np.float32)
+            nodes: list[onnx.NodeProto] = []
+
+            def quantizer():
+                sn, zn, qn = namer(f"{t}_scale"), namer(f"{t}_zero_point"), namer(f"{t}_quantized")
+                new_inits[sn] = scale
+                new_inits[zn] = np.array(0, np.int8)
+                nodes.append(helper.make_node("QuantizeLinear", [t, sn, zn], [qn], name=namer(f"{t}_QuantizeLinear")))
+                return qn, sn, zn
+
+            shared = quantizer() if p.all_consumers else None
+            for n in readers:
+                qn, sn, zn = shared if shared is not None else quantizer()
+                dq = namer(f"{t}_dequantized")
+                nodes.append(helper.make_node("DequantizeLinear", [qn, sn, zn], [dq], name=namer(f"{t}_DequantizeLinear")))
+                rename[(n.name, t)] = dq
+            prod = self.index.producer.get(t)
+            after.setdefault(prod.name if prod is not None else "", []).extend(nodes)
+        wslot = {q.node.name: (q.w_slot, wname[(l.target.weight, q.wkey)]) for l in active for q in l.quses}
+        split = {q.node.name for l in active for q in l.quses if self._split_bias(q, pts)}
+        out_nodes = list(head) + after.get("", [])
+        for node in self.base_nodes:
+            n = onnx.NodeProto()
+            n.CopyFrom(node)
+            if node.name in wslot:
+                slot, name = wslot[node.name]
+                n.input[slot] = name
+            for i, x in enumerate(n.input):
+                r = rename.get((node.name, x))
+                if r is not None:
+                    n.input[i] = r
+            out_nodes.append(n)
+            if node.name in split:
+                # Gemm without C -> QGemm with a float output in ORT; the bias becomes an Add
+                y = node.output[0]
+                bias = node.input[2]
+                beta = float(attr(node, "beta", 1.0))
+                if beta != 1.0:
+                    scaled = namer(f"{bias}_times_beta")
+                    new_inits[scaled] = (np.asarray(self.loaded.array(bias), np.float32) * np.float32(beta)).astype(np.float32)
+                    bias = scaled
+                tmp = namer(f"{y}_without_bias")
+                del n.input[2:]
+                n.output[0] = tmp
+                keep_attrs = [a for a in n.attribute if a.name != "beta"]
+                del n.attribute[:]
+                n.attribute.extend(keep_attrs)
+                out_nodes.append(helper.make_node("Add", [tmp, bias], [y], name=namer(f"{node.name}_bias")))
+            out_nodes.extend(after.get(node.name, []))
+        chain_nodes = {c.name for l in active for q in l.quses for c in q.use.chain}
+        candidates = {l.target.weight for l in active}
+        for l in active:
+            for q in l.quses:
+                for c in q.use.chain:
+                    candidates.update(i for i in c.input[1:] if i)
+        opset = self.opset_new if active else None
+        return _finish_edit(self.loaded, out_nodes, new_inits, chain_nodes, candidates, opset)
+
+    def _split_bias(self, q: _QUse, pts: dict[str, _Point]) -> bool:
+        """A Gemm whose output stays float: move its bias C into an Add (ORT fuses QGemm only without C then)."""
+        node = q.node
+        if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+            return False
+        y = node.output[0]
+        if y in pts and pts[y].all_consumers:
+            return False
+        bias = node.input[2]
+        if bias not in self.index.initializers:
+            return False
+        c = self.loaded.initializer(bias)
+        return c is not None and c.data_type == TensorProto.FLOAT
+
+    # -- report ----------------------------------------------------------------------
+    def row(self, layer: _Int8Layer, pts: dict[str, _Point] | None, is_float: str | None) -> dict:
+        row: dict[str, Any] = {"mode": "int8", "bits": 8}
+        if layer.weights:
+            scales = np.concatenate([w.scale.reshape(-1) for w in layer.weights.values()])
+            row["weight_scale_min"] = float(scales.min())
+            row["weight_scale_max"] = float(scales.max())
+            row["weight_granularity"] = "per-channel" if self.per_channel else "per-tensor"
+            row["weight_sqnr_db"] = _finite_or_none(min(w.sqnr for w in layer.weights.values()), 2)
+            if not is_float:
+                row["initializers"] = [self.weight_names[(layer.target.weight, k)] for k in layer.weights if (layer.target.weight, k) in self.weight_names]
+        acts = []
+        for q in layer.quses:
+            s = self.stats.get(q.act)
+            if s is None or any(a["tensor"] == q.act for a in acts):
+                continue
+            a = {"tensor": q.act, "threshold": s.threshold, "method": s.method, "sqnr_db": _finite_or_none(s.sqnr, 2)}
+            if s.candidates:
+                a["candidates"] = s.candidates
+            if s.nonfinite:
+                a["nonfinite_values"] = s.nonfinite
+            acts.append(a)
+        if acts:
+            row["activation_threshold"] = acts[0]["threshold"]
+            row["activation_method"] = acts[0]["method"]
+            row["activation_sqnr_db"] = acts[0]["sqnr_db"]
+            row["activations"] = acts
+        if pts is not None and not is_float:
+            outs = []
+            for q in layer.quses:
+                y = q.node.output[0]
+                if y in pts and pts[y].all_consumers:
+                    outs.append({"tensor": y, "threshold": pts[y].threshold, "threshold_from": pts[y].source})
+            if outs:
+                row["outputs"] = outs
+            elif any(q.node.op_type == "Conv" for q in layer.quses):
+                row["output"] = "float (graph output or read by an op kept float)"
+            elif any(self._split_bias(q, pts) for q in layer.quses):
+                row["output"] = "float (bias moved to an Add: ORT fuses QGemm with a float output)"
+        if is_float:
+            row["float"] = is_float
+            row["bits"] = None
+        return row
+
+
+# --------------------------------------------------------------------------- log / lut
+
+
+@dataclass
+class _CodeLayer:
+    target: Target
+    reason: str | None = None
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: dict[str, np.ndarray] = field(default_factory=dict)
+    function: str = ""
+    row: dict = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def _stored_axis(loaded, target: Target) -> int | None:
+    """The stored tensor's axis that holds the primary use's output channels, or None."""
+    use = target.primary
+    stored = loaded.initializer(target.weight)
+    shape = tuple(int(d) for d in stored.dims)
+    view = WeightView(loaded, target.weight, use)
+    idx = view.index_map()
+    if idx is None:
+        return use.out_axis if len(shape) == len(use.eff_shape) else None
+    oc = np.broadcast_to(
+        np.arange(use.eff_shape[use.out_axis]).reshape([-1 if i == use.out_axis else 1 for i in range(len(use.eff_shape))]),
+        use.eff_shape,
+    ).reshape(-1)
+    stored_oc = np.empty(int(np.prod(shape)), np.int64)
+    stored_oc[idx.reshape(-1)] = oc
+    stored_oc = stored_oc.reshape(shape)
+    for ax in range(len(shape)):
+        if shape[ax] != use.eff_shape[use.out_axis]:
+            continue
+        ref = np.arange(shape[ax]).reshape([-1 if i == ax else 1 for i in range(len(shape))])
+        if np.array_equal(stored_oc, np.broadcast_to(ref, shape)):
+            return ax
+    return None
+
+
+FUNCTION_DOMAIN = "nmcompile"
+
+
+def _const_node(out: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [out], value=numpy_helper.from_array(np.asarray(value), out))
+
+
+def _unpack_body(prefix: str, codes: str, count: str, shape: str, width: int, out: str) -> list[onnx.NodeProto]:
+    """Function-body nodes: planar-packed uint8 codes -> int32 indices of `shape`.
+
+    Stored as [1, P] bytes; Div by [[1], [2^w], [2^2w], ...] and Mod 2^w give the
+    [8/w, P] planes, which flattened in order are the codes (the tail sliced off).
+    """
+    f = 8 // width
+    nodes = [helper.make_node("Cast", [codes], [f"{prefix}c32"], to=TensorProto.INT32)]
+    t = f"{prefix}c32"
+    if f == 1:  # one code per byte: no planes, no tail (and no Slice, which opset 9 has only with attributes)
+        return nodes + [helper.make_node("Reshape", [t, shape], [out])]
+    if f > 1:
+        nodes += [
+            _const_node(f"{prefix}div", (1 << (width * np.arange(f, dtype=np.int64))).astype(np.int32).reshape(f, 1)),
+            _const_node(f"{prefix}mod", np.array(1 << width, np.int32)),
+            helper.make_node("Div", [t, f"{prefix}div"], [f"{prefix}planes"]),
+            helper.make_node("Mod", [f"{prefix}planes", f"{prefix}mod"], [f"{prefix}fields"]),
+        ]
+        t = f"{prefix}fields"
+    nodes += [
+        _const_node(f"{prefix}flat", np.array([-1], np.int64)),
+        _const_node(f"{prefix}zero", np.array([0], np.int64)),
+        helper.make_node("Reshape", [t, f"{prefix}flat"], [f"{prefix}flat_codes"]),
+        helper.make_node("Slice", [f"{prefix}flat_codes", f"{prefix}zero", count], [f"{prefix}codes"]),
+        helper.make_node("Reshape", [f"{prefix}codes", shape], [out]),
+    ]
+    return nodes
+
+
+def _decode_function(name: str, storage: str, width: int, pos_width: int, axis: int, aux: str, dtype: int, opset: int) -> onnx.FunctionProto:
+    """One ONNX local function per decoding layout: each weight is then a single node.
+
+    dense:  (codes, count, shape, codebook, aux) -> W
+    nm:     (codes, count, kept_shape, positions, pos_count, group_shape, shape, codebook, aux) -> W
+    (no count inputs for one code per byte)
+    aux is the per-channel scale (Mul after the Gather) or the per-channel codebook offsets
+    (Add before the Gather); both broadcast against the (kept) code layout.
+    """
+    if storage == "dense":
+        inputs = ["codes"] + (["count"] if width < 8 else []) + ["shape", "codebook", "aux"]
+        nodes = _unpack_body("c_", "codes", "count", "shape", width, "index")
+        target = "W"
+    else:
+        inputs = (["codes"] + (["count"] if width < 8 else []) + ["kept_shape", "positions"] + (["pos_count"] if pos_width < 8 else [])
+                  + ["group_shape", "shape", "codebook", "aux"])
+        nodes = _unpack_body("c_", "codes", "count", "kept_shape", width, "index")
+        nodes += _unpack_body("p_", "positions", "pos_count", "kept_shape", pos_width, "pos")
+        target = "kept"
+    if aux == "offsets":
+        nodes.append(helper.make_node("Add", ["index", "aux"], ["book_index"]))
+        nodes.append(helper.make_node("Gather", ["codebook", "book_index"], [target], axis=0))
+    else:
+        nodes.append(helper.make_node("Gather", ["codebook", "index"], ["levels"], axis=0))
+        nodes.append(helper.make_node("Mul", ["levels", "aux"], [target]))
+    if storage != "dense":
+        zero = np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype))
+        nodes += [
+            helper.make_node("ConstantOfShape", ["group_shape"], ["zeros"], value=numpy_helper.from_array(zero, "value")),
+            helper.make_node("ScatterElements", ["zeros", "pos", "kept"], ["grouped"], axis=axis),
+            helper.make_node("Reshape", ["grouped", "shape"], ["W"]),
+        ]
+    return helper.make_function(FUNCTION_DOMAIN, name, inputs, ["W"], nodes, opset_imports=[helper.make_opsetid("", opset)],
+                                doc_string="nmcompile weight decoding (see nmcompile.passes.quantize)")
+
+
+class _Codebook:
+    def __init__(self, ctx: CompileContext, qopts: QuantOptions, targets: list[Target]):
+        self.ctx = ctx
+        self.loaded = ctx.model
+        self.qopts = qopts
+        graph = self.loaded.model.graph
+        self.base_nodes = list(graph.node)
+        opset = opset_version(self.loaded.model)
+        if opset < 9:
+            raise UserError(f"--quantize {qopts.mode} needs opset >= 9; the model has opset {opset}")
+        self.opset_new: int | None = None
+        if opset < SCATTER_OPSET and _can_raise_opset(self.loaded.model, SCATTER_OPSET):
+            self.opset_new = SCATTER_OPSET
+        self.opset = self.opset_new or opset
+        self.packed = self.opset >= PACK_OPSET  # Mod, Slice with inputs
+        self.can_scatter = self.opset >= SCATTER_OPSET
+        if any(o.domain == FUNCTION_DOMAIN for o in self.loaded.model.opset_import):
+            self.fn_prefix = "nmc2_"  # the model was already compiled once: keep function names apart
+        else:
+            self.fn_prefix = ""
+        self.namer = _Namer(graph)
+        self.functions: dict[str, onnx.FunctionProto] = {}
+        self.shared: dict[str, np.ndarray] = {}  # small int64 constants, named by value
+        self.layers = [self._layer(t) for t in ctx.progress(targets, desc=f"{qopts.mode} codes")]
+
+    def _shared(self, kind: str, values) -> str:
+        arr = np.asarray(values, np.int64).reshape(-1)
+        name = f"nmcompile.{kind}.{'x'.join(str(int(v)) for v in arr)}"
+        if name not in self.shared:
+            name = self.namer(name) if name in self.namer.taken else name
+            self.namer.taken.add(name)
+            self.shared[name] = arr
+        return name
+
+    def _peek(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.namer.taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def _function(self, storage, width, pos_width, axis, aux, dtype) -> str:
+        dt = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.DOUBLE: "f64"}[dtype]
+        name = f"{self.fn_prefix}decode_{storage}_w{width}" + (f"_p{pos_width}_axis{axis}" if storage != "dense" else "") + f"_{aux}_{dt}"
+        if name not in self.functions:
+            self.functions[name] = _decode_function(name, storage, width, pos_width, axis, aux, dtype, self.opset)
+        return name
+
+    # -- encoding ---------------------------------------------------------------
+    def _layer(self, target: Target) -> _CodeLayer:
+        layer = _CodeLayer(target)
+        loaded = self.loaded
+        stored = loaded.initializer(target.weight)
+        problem = _chain_problem(loaded, target)
+        if problem or stored is None:
+            layer.reason = f"weight not quantizable: {problem}"
+            return layer
+        if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
+            layer.reason = "weight already quantized (read through DequantizeLinear)"
+            return layer
+        if stored.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+            layer.reason = f"weight is {TensorProto.DataType.Name(stored.data_type)}"
+            return layer
+        w = np.asarray(loaded.array(target.weight))
+        dtype = w.dtype
+        w32 = w.astype(np.float32)
+        nd = w32.ndim
+        axis = _stored_axis(loaded, target)
+        bits = self.qopts.bits
+        K = 1 << bits
+        n = w32.size
+        width = code_field_width(bits) if self.packed else 8
+        granularity = None
+        offsets = None
+        scale = None
+        bshape = [-1 if i == axis else 1 for i in range(nd)]
+        if self.qopts.mode == "log":
+            codes, scale, book = qm.log_quantize(w32, bits, axis)
+            kind = "log2"
+        else:
+            C = w32.shape[axis] if axis is not None else 1
+            gran = self.qopts.lut_granularity
+            if gran == "auto":  # per-channel codebooks where they cost at most 1/8 of the codes
+                gran = "channel" if axis is not None and C * K * 4 * 8 <= n * width / 8 else "tensor"
+            if gran == "channel" and axis is None:
+                gran = "tensor"
+            granularity = gran
+            if gran == "channel":
+                codes, books = qm.lut_quantize(w32, bits, axis=axis)
+                book = books.reshape(-1)
+                offsets = (np.arange(C, dtype=np.int32) * K).reshape(bshape)
+            else:
+                if axis is not None:
+                    amax = np.max(np.abs(np.moveaxis(w32, axis, 0).reshape(C, -1)), axis=1) if n else np.zeros(C)
+                else:
+                    amax = np.array([np.max(np.abs(w32)) if n else 0.0])
+                scale = amax.astype(np.float32)
+                scale[scale == 0] = 1.0
+                if axis is None:
+                    scale = scale.reshape(())
+                s_b = scale.reshape(bshape) if axis is not None else scale
+                u = w32.astype(np.float64) / s_b.astype(np.float64)
+                sw = np.broadcast_to(s_b.astype(np.float64) ** 2, w32.shape)
+                codes, book = qm.lut_quantize(u, bits, axis=None, sample_weight=sw)
+            kind = "kmeans"
+        codes = np.asarray(codes, dtype=np.uint8)
+        book_t = np.asarray(book, dtype=np.float32).astype(dtype).reshape(-1)
+        # what the graph computes, in the stored dtype
+        idx = codes.astype(np.int64)
+        if offsets is not None:
+            idx = idx + offsets.astype(np.int64)
+        decoded = book_t[idx]
+        scale_t = None
+        if scale is not None:
+            scale_t = np.asarray(scale, dtype=dtype)
+            if axis is not None and scale_t.ndim:
+                scale_t = scale_t.reshape(bshape)
+            decoded = (decoded * scale_t).astype(dtype)
+        if np.any((w32 == 0) & (decoded != 0)):  # pragma: no cover - guaranteed by the quantizers
+            raise RuntimeError(f"{target.name}: a zero weight did not decode to 0")
+
+        compressed = None
+        if self.qopts.nm_storage != "dense" and self.packed and self.can_scatter:
+            compressed = self._compressed(target, w32, codes)
+        builds = {"dense": self._build(target, "dense", codes, width, book_t, scale_t, offsets, axis, None)}
+        if compressed is not None:
+            builds["compressed"] = self._build(target, "compressed", codes, width, book_t, scale_t, offsets, axis, compressed)
+        if "compressed" in builds and self.qopts.nm_storage == "compressed":
+            storage = "compressed"
+        elif "compressed" in builds and builds["compressed"][3] < builds["dense"][3]:
+            storage = "compressed"
+        else:
+            storage = "dense"
+        node, inits, fn, nbytes, names = builds[storage]
+        self.namer.taken.update(inits)
+        self.namer.taken.add(node.name)
+        layer.nodes = [node]
+        layer.inits = inits
+        layer.function = fn
+        layer.bytes_before = int(w.nbytes)
+        layer.bytes_after = int(sum(np.asarray(a).nbytes for a in inits.values()))
+        row = {
+            "mode": self.qopts.mode,
+            "bits": bits,
+            "codebook": kind if granularity is None else f"{kind}-{granularity}",
+            "storage": "nm-compressed" if storage == "compressed" else "dense",
+            "channel_axis": axis,
+            "weight_sqnr_db": _finite_or_none(qm.sqnr_db(w32, decoded.astype(np.float32)), 2),
+            "bytes_before": layer.bytes_before,
+            "bytes_after": layer.bytes_after,
+            "packing": {"code_width": width, "layout": "planar"} | ({"position_width": compressed["pos_width"]} if storage == "compressed" else {}),
+            "initializers": names,
+            "decode_function": f"{FUNCTION_DOMAIN}.{fn}",
+        }
+        if storage == "compressed":
+            row["nm"] = {"n": self.qopts.pattern[0], "m": self.qopts.pattern[1], "axis": target.primary.red_axis}
+        if scale is not None:
+            s_ = np.asarray(scale, dtype=np.float32).reshape(-1)
+            row["weight_scale_min"] = float(s_.min())
+            row["weight_scale_max"] = float(s_.max())
+        if "compressed" in builds:
+            row["serialized_bytes"] = {"dense": builds["dense"][3], "nm-compressed": builds["compressed"][3]}
+        layer.row = row
+        return layer
+
+    def _build(self, target: Target, storage: str, codes, width, book_t, scale_t, offsets, axis, comp):
+        """(node, initializers, function name, serialized bytes, initializer names) for one storage."""
+        W = target.weight
+        shape = list(codes.shape)
+        names: dict[str, str] = {}
+        inits: dict[str, np.ndarray] = {}
+
+        def fresh(key: str, arr) -> str:
+            name = self._peek(f"{W}_{key}")  # registered only for the storage that is kept
+            inits[name] = np.asarray(arr)
+            names[key] = name
+            return name
+
+        def packed(key: str, values: np.ndarray, w: int) -> list[str]:
+            flat = values.reshape(-1)
+            p = pack_planar(flat, w)
+            if w == 8:
+                return [fresh(key, p)]
+            return [fresh(key, p.reshape(1, -1)), self._shared("count", [flat.size])]
+
+        aux_kind = "offsets" if offsets is not None else "scale"
+        dt = helper.np_dtype_to_tensor_dtype(book_t.dtype)
+        if storage == "dense":
+            c = packed("codes", codes, width)
+            book = fresh("codebook", book_t)
+            aux = fresh("codebook_offsets" if offsets is not None else "scale", offsets if offsets is not None else scale_t)
+            fn = self._function("dense", width, 0, 0, aux_kind, dt)
+            inputs = c + [self._shared("shape", shape), book, aux]
+        else:
+            r = comp["red_axis"]
+            c = packed("codes", comp["codes"], width)
+            pp = packed("positions", comp["positions"], comp["pos_width"])
+            book = fresh("codebook", book_t)
+            # per-channel aux in the kept layout (the reduction axis split in two: groups, kept)
+            oa = axis
+            if offsets is not None:
+                aux_arr = offsets
+            else:
+                aux_arr = scale_t
+            if aux_arr.ndim:
+                kshape = [1] * (len(shape) + 1)
+                if oa is not None:
+                    kshape[oa if oa < r else oa + 1] = -1
+                aux_arr = aux_arr.reshape(kshape)
+            aux = fresh("codebook_offsets" if offsets is not None else "scale", aux_arr)
+            fn = self._function("nm", width, comp["pos_width"], r + 1, aux_kind, dt)
+            inputs = c + [self._shared("shape", comp["kept_shape"])] + pp + [self._shared("shape", comp["group_shape"]),
+                                                                           self._shared("shape", shape), book, aux]
+        node = helper.make_node(fn, inputs, [W], name=self._peek(f"{W}_decode"), domain=FUNCTION_DOMAIN)
+        nbytes = node.ByteSize() + sum(numpy_helper.from_array(np.asarray(a), k).ByteSize() for k, a in inits.items())
+        return node, inits, fn, nbytes, names
+
+    def _compressed(self, target: Target, w32: np.ndarray, codes: np.ndarray) -> dict | None:
+        """Kept codes and positions when the weight is N:M along its reduction axis, else None.
+
+        Layout: the reduction axis r of the weight is split into (groups, M); the kept codes
+        and their positions in the group are stored as shape[:r] + [groups, N] + shape[r+1:].
+        """
+        pat = self.qopts.pattern
+        if pat is None or len(target.uses) != 1 or target.primary.chain:
+            return None
+        n_keep, m = pat
+        if n_keep >= m:
+            return None
+        use = target.primary
+        r = use.red_axis
+        shape = list(w32.shape)
+        if tuple(shape) != tuple(use.eff_shape) or shape[r] % m:
+            return None
+        G = shape[r] // m
+        gshape = shape[:r] + [G, m] + shape[r + 1 :]
+        grp = w32.reshape(gshape)
+        nz = grp != 0
+        if nz.size and int(nz.sum(axis=r + 1).max()) > n_keep:
+            return None
+        order = np.argsort(~nz, axis=r + 1, kind="stable")
+        pos = np.sort(np.take(order, np.arange(n_keep), axis=r + 1), axis=r + 1)
+        kcodes = np.take_along_axis(codes.reshape(gshape), pos, axis=r + 1).astype(np.uint8)
+        return {
+            "codes": kcodes,
+            "positions": pos.astype(np.uint8),
+            "pos_width": code_field_width(max(1, math.ceil(math.log2(m)))),
+            "kept_shape": shape[:r] + [G, n_keep] + shape[r + 1 :],
+            "group_shape": gshape,
+            "red_axis": r,
+        }
+
+    # -- graph --------------------------------------------------------------------
+    def edit(self, float_set: set[str]) -> _GraphEdit:
+        head: list[onnx.NodeProto] = []
+        inits: dict[str, np.ndarray] = {}
+        removed: set[str] = set()
+        functions: dict[str, onnx.FunctionProto] = {}
+        active = [l for l in self.layers if l.reason is None and l.target.name not in float_set]
+        for l in active:
+            head.extend(l.nodes)
+            inits.update(l.inits)
+            removed.add(l.target.weight)
+            functions[l.function] = self.functions[l.function]
+            for node in l.nodes:
+                for i in node.input:
+                    if i in self.shared:
+                        inits[i] = self.shared[i]
+        nodes = head + [self._copy(n) for n in self.base_nodes]
+        opset = self.opset_new if active else None
+        return _GraphEdit(nodes, inits, removed, opset, set(removed), functions=list(functions.values()),
+                          domains={FUNCTION_DOMAIN: 1} if active else {})
+
+    @staticmethod
+    def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        return n
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _apply(loaded, edit: _GraphEdit) -> None:
+    """Write a graph edit into the LoadedModel."""
+    graph = loaded.model.graph
+    for name in sorted(edit.removed):
+        loaded.remove_initializer(name)
+    for name, arr in edit.new_inits.items():
+        loaded.add_initializer(name, np.asarray(arr))
+    del graph.node[:]
+    graph.node.extend(edit.nodes)
+    if edit.drop_inputs:
+        keep = [i for i in graph.input if i.name not in edit.drop_inputs]
+        if len(keep) != len(graph.input):
+            del graph.input[:]
+            graph.input.extend(keep)
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    vi = [v for v in graph.value_info if v.name in produced]
+    if len(vi) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(vi)
+    if edit.functions:
+        loaded.model.functions.extend(edit.functions)
+        if loaded.model.ir_version < 8:
+            loaded.model.ir_version = 8
+    for dom, ver in edit.domains.items():
+        if not any(o.domain == dom for o in loaded.model.opset_import):
+            loaded.model.opset_import.append(helper.make_opsetid(dom, ver))
+    if edit.opset is not None:
+        for op in loaded.model.opset_import:
+            if op.domain in ("", "ai.onnx") and op.version < edit.opset:
+                op.version = edit.opset
+        if edit.opset >= 13 and loaded.model.ir_version < 7:
+            loaded.model.ir_version = 7
+    loaded.refresh_index()
+
+
+class Quantize(Pass):
+    """int8 QDQ (calibrated) or weight-only log / LUT codes for every target weight."""
+
+    name = "quantize"
+    requires = ("targets",)
+    provides = ("quantization",)
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        qopts = QuantOptions.from_options(ctx.options)
+        if qopts is None:
+            ctx.artifacts["quantization"] = {"mode": None}
+            return PassResult(False)
+        targets: list[Target] = list(ctx.artifacts["targets"])
+        make_batches = ctx.artifacts.get("calib_batches")
+        if qopts.mode == "int8" and make_batches is None:
+            raise UserError("--quantize int8 needs --calib DATA (calibration inputs for the activation thresholds)")
+        if qopts.max_error is not None and make_batches is None:
+            raise UserError("--max-error needs --calib DATA (the output error is measured on it)")
+        sessions = _Sessions(ctx.model)
+        notes: list[str] = []
+        if qopts.mode == "int8":
+            impl: Any = _Int8(ctx, qopts, targets)
+            impl.calibrate(make_batches, sessions)
+            impl.quantize_weights()
+        else:
+            impl = _Codebook(ctx, qopts, targets)
+        layers = impl.layers
+        sens_on = qopts.sensitivity
+        if sens_on is None:
+            sens_on = qopts.mode == "int8" or qopts.max_error is not None
+        evaluator = None
+        if make_batches is not None:
+            batches = _take_samples(make_batches, qopts.sensitivity_samples)
+            if batches:
+                evaluator = _Evaluator(sessions, batches, impl.base_nodes)
+                if not evaluator.usable:
+                    notes.append("quantize: the model has no float output; output error not measured")
+                    evaluator = None
+        if qopts.max_error is not None and evaluator is None:
+            raise UserError("--max-error needs a model with a float output to measure the error on")
+        candidates = [l for l in layers if l.reason is None]
+        float_set: set[str] = set()
+        sens: dict[str, float] = {}
+        err_all = None
+        if evaluator is not None and candidates and (sens_on or qopts.max_error is not None):
+            err_all = evaluator.error(impl.edit(set()))
+            if sens_on or (qopts.max_error is not None and err_all["one_minus_cosine"] > qopts.max_error):
+                for l in ctx.progress(candidates, desc="quantization sensitivity"):
+                    sens[l.target.name] = evaluator.error(impl.edit({l.target.name}))["one_minus_cosine"]
+            if qopts.max_error is not None and err_all["one_minus_cosine"] > qopts.max_error:
+                float_set = self._fit_budget(evaluator, impl, candidates, sens, qopts.max_error)
+        final_edit = impl.edit(float_set)
+        final_err = None
+        if evaluator is not None:
+            final_err = err_all if not float_set and err_all is not None else evaluator.error(final_edit)
+        # report rows
+        if qopts.mode == "int8":
+            pts = impl.points(impl.active(float_set))
+        float_layers = []
+        before = after = 0
+        for l in layers:
+            t = l.target
+            reason = l.reason or (f"kept float: output error budget {qopts.max_error:g}" if t.name in float_set else None)
+            if qopts.mode == "int8":
+                row = impl.row(l, pts, reason)
+            else:
+                row = dict(l.row) if not reason else {"mode": qopts.mode, "bits": None, "float": reason}
+                if reason and l.row:
+                    row.update({k: v for k, v in l.row.items() if k in ("weight_sqnr_db", "codebook")})
+                    row["bits"] = None
+            if t.name in sens:
+                row["sensitivity"] = {"output_error_if_float": sens[t.name], "output_error_all_quantized": err_all["one_minus_cosine"]}
+            if reason:
+                float_layers.append({"name": t.name, "reason": reason})
+            else:
+                b, a = self._bytes(ctx.model, l, qopts.mode)
+                before += b
+                after += a
+            rep = ctx.layer(t.name)
+            rep["quant"] = row
+            if "zeros_after" not in rep:
+                stored = ctx.model.initializer(t.weight)
+                if stored is not None:
+                    arr = ctx.model.array(t.weight)
+                    rep["zeros_after"] = int(arr.size - np.count_nonzero(arr))
+        _apply(ctx.model, final_edit)
+        summary = {
+            "mode": qopts.mode,
+            "bits": qopts.bits,
+            "calib_method": qopts.calib_method if qopts.mode == "int8" else None,
+            "activations": "int8 symmetric per-tensor (zero point 0)" if qopts.mode == "int8" else None,
+            "weights": ("int8 symmetric per-channel" if getattr(impl, "per_channel", False) else "int8 symmetric per-tensor")
+            if qopts.mode == "int8" else f"{qopts.bits}-bit {qopts.mode} codes",
+            "quantized_layers": len(layers) - len(float_layers),
+            "float_layers": float_layers,
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "weight_compression": (after / before) if before else None,
+            "max_error": qopts.max_error,
+            "error_metric": "1 - cosine(float outputs, quantized outputs), worst output, over the calibration samples",
+            "output_error": None if final_err is None else {
+                "one_minus_cosine": final_err["one_minus_cosine"],
+                "rel_l2": final_err["rel_l2"],
+                "samples": evaluator.samples,
+            },
+            "evaluations": evaluator.runs if evaluator is not None else 0,
+            "opset_raised_to": final_edit.opset,
+        }
+        if qopts.mode == "int8" and not impl.per_channel:
+            notes.append(f"quantize: opset {opset_version(ctx.model.model)} < 13 could not be raised safely: per-tensor weight scales")
+        if qopts.mode != "int8" and not impl.packed:
+            notes.append("quantize: opset < 10 (no Mod): codes stored one per byte")
+        if qopts.mode != "int8" and not impl.can_scatter and qopts.pattern is not None:
+            notes.append("quantize: opset < 11 could not be raised safely: no N:M-compressed storage (needs ScatterElements)")
+        ctx.artifacts["quantization"] = summary
+        return PassResult(bool(len(layers) - len(float_layers)), notes)
+
+    @staticmethod
+    def _bytes(loaded, layer, mode: str) -> tuple[int, int]:
+        if mode != "int8":
+            return layer.bytes_before, layer.bytes_after
+        t = loaded.initializer(layer.target.weight)
+        from nmcompile.graphio import tensor_nbytes
+
+        before = tensor_nbytes(t) if t is not None else 0
+        # int8 values + float32 scales + int8 zero points
+        after = sum(w.q.nbytes + w.scale.nbytes + w.scale.size for w in layer.weights.values())
+        return before, after
+
+    @staticmethod
+    def _fit_budget(evaluator: _Evaluator, impl, candidates, sens: dict[str, float], budget: float) -> set[str]:
+        """Smallest prefix of the sensitivity ranking kept float whose measured error fits the budget.
+
+        Ranking: the error with only that layer float, lowest first. Binary search over the
+        prefix length: error(0) was measured above the budget; all candidates float is the
+        float model (error 0); every prefix length the search settles on was measured.
+        """
+        pos = {l.target.name: i for i, l in enumerate(candidates)}
+        names = sorted(pos, key=lambda n: (sens.get(n, 0.0), pos[n]))
+        lo, hi = 0, len(names)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if evaluator.error(impl.edit(set(names[:mid])))["one_minus_cosine"] <= budget:
+                hi = mid
+            else:
+                lo = mid
+        return set(names[:hi])

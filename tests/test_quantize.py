@@ -1,0 +1,503 @@
+"""The quantize pass: int8 QDQ graphs that ORT fuses, calibration, sensitivity, log/LUT codebooks."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from nmcompile import graphio, modelzoo
+from nmcompile.errors import UserError
+from nmcompile.passes.base import CompileContext
+from nmcompile.passes.canonicalize import ConstantsToInitializers, FoldBatchNorm, NameNodes, RemoveUnusedInitializers
+from nmcompile.passes.nm_mask import group_max_nonzeros, prune_nm
+from nmcompile.passes.quantize import Quantize, measure_output_error, pack_planar, unpack_planar
+from nmcompile.passes.targets import FindTargets
+from nmcompile.patterns import Pattern
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+sys.path.insert(0, str(MODELS))
+from evaluate import accuracy  # noqa: E402
+
+CANON = (NameNodes, ConstantsToInitializers, FoldBatchNorm, RemoveUnusedInitializers, FindTargets)
+
+
+def batches_of(x: dict[str, np.ndarray], size: int = 32):
+    n = len(next(iter(x.values())))
+    return lambda: ({k: v[i : i + size] for k, v in x.items()} for i in range(0, n, size))
+
+
+def digits_calib():
+    with np.load(MODELS / "digits_calib.npz") as f:
+        return {"input": f["input"]}
+
+
+def quantize(model_path, out_path, calib=None, **opts):
+    """Canonicalize, find targets, quantize, save: returns the context."""
+    defaults = dict(pattern=None, exclude=(), progress=False, quantize="int8", bits=4, calib_method="auto", max_error=None)
+    defaults.update(opts)
+    loaded = graphio.load_model(model_path)
+    ctx = CompileContext(model=loaded, options=SimpleNamespace(**defaults))
+    if calib is not None:
+        ctx.artifacts["calib_batches"] = calib
+    for cls in CANON:
+        cls()(ctx)
+    Quantize()(ctx)
+    with graphio.AtomicWriter() as writer:
+        graphio.save_model(loaded, Path(out_path), writer)
+    onnx.checker.check_model(str(out_path))
+    return ctx
+
+
+def float_copy(model_path, out_path):
+    """The same canonicalized model without quantization (the fp32 reference file)."""
+    loaded = graphio.load_model(model_path)
+    ctx = CompileContext(model=loaded, options=SimpleNamespace(pattern=None, exclude=(), progress=False))
+    for cls in CANON:
+        cls()(ctx)
+    with graphio.AtomicWriter() as writer:
+        graphio.save_model(loaded, Path(out_path), writer)
+    return out_path
+
+
+def optimized_ops(path) -> Counter:
+    tmp = str(path) + ".opt.onnx"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = tmp
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(tmp).graph.node)
+    os.unlink(tmp)
+    return ops
+
+
+def initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("quantize")
+
+
+@pytest.fixture(scope="module")
+def cnn_int8(work):
+    out = work / "cnn_int8.onnx"
+    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()))
+    return ctx, out
+
+
+@pytest.fixture(scope="module")
+def cnn24(work):
+    """The digits CNN pruned 2:4 by the compiler (magnitude), and its float file."""
+    from nmcompile.pipeline import compile_model
+
+    out = work / "cnn24.onnx"
+    compile_model(MODELS / "digits_cnn.onnx", output=out, pattern="2:4")
+    return out
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def test_int8_cnn_is_fused_into_integer_kernels(cnn_int8):
+    _, path = cnn_int8
+    ops = optimized_ops(path)
+    assert ops["QLinearConv"] == 3
+    assert ops["QGemm"] == 2
+    for float_op in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"):
+        assert ops[float_op] == 0, ops
+
+
+def test_int8_cnn_accuracy_within_one_point(cnn_int8):
+    _, path = cnn_int8
+    fp32 = accuracy(MODELS / "digits_cnn.onnx", MODELS / "digits_test.npz")
+    q = accuracy(path, MODELS / "digits_test.npz")
+    assert q >= fp32 - 0.01, (q, fp32)
+
+
+def test_int8_graph_is_explicit_symmetric_qdq(cnn_int8):
+    ctx, path = cnn_int8
+    model = onnx.load(str(path))
+    inits = initializers(path)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert qs and dqs
+    for n in qs + dqs:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any()  # int8, zero point 0: what TensorRT takes
+        assert np.all(inits[n.input[1]] > 0)
+    for t in ctx.artifacts["targets"]:
+        q = ctx.layers[t.name]["quant"]
+        (names,) = q["initializers"]
+        w = inits[names["weight"]]
+        assert w.dtype == np.int8 and w.min() >= -127
+        assert inits[names["scale"]].shape == (w.shape[names["axis"]],)
+        assert names["axis"] == t.primary.out_axis
+        node = next(n for n in model.graph.node if n.name == t.name)
+        dq = next(n for n in model.graph.node if n.output and n.output[0] == node.input[1])
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] == names["weight"]
+    # the float weights are gone: the file holds int8 weights
+    assert all(t.weight not in inits for t in ctx.artifacts["targets"])
+
+
+def test_int8_report_rows_and_summary(cnn_int8):
+    ctx, _ = cnn_int8
+    for t in ctx.artifacts["targets"]:
+        q = ctx.layers[t.name]["quant"]
+        assert q["bits"] == 8 and "float" not in q
+        assert 0 < q["weight_scale_min"] <= q["weight_scale_max"]
+        assert q["activation_threshold"] > 0
+        assert q["activation_method"] in ("kl", "minmax") or q["activation_method"].startswith("percentile")
+        assert q["weight_sqnr_db"] > 30 and q["activation_sqnr_db"] > 25
+        assert "output_error_if_float" in q["sensitivity"]
+    # every conv output is quantized (QLinearConv); conv1's from conv2's input through Relu
+    conv1 = ctx.layers["/conv1/Conv"]["quant"]["outputs"][0]
+    assert conv1["threshold_from"] == "/relu1/Relu_output_0"
+    assert conv1["threshold"] == ctx.layers["/conv2/Conv"]["quant"]["activation_threshold"]
+    s = ctx.artifacts["quantization"]
+    assert s["mode"] == "int8" and s["float_layers"] == []
+    assert s["weight_bytes_after"] < 0.3 * s["weight_bytes_before"]
+    assert 0 <= s["output_error"]["one_minus_cosine"] < 1e-3
+
+
+def test_int8_output_error_is_measurable_independently(cnn_int8, work):
+    ctx, path = cnn_int8
+    ref = float_copy(MODELS / "digits_cnn.onnx", work / "cnn_fp32.onnx")
+    err = measure_output_error(ref, path, batches_of(digits_calib())())
+    # the pass measured on the same 128 samples with the same definition
+    assert err["one_minus_cosine"] == pytest.approx(ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"], rel=1e-6, abs=1e-12)
+    assert err["rel_l2"] == pytest.approx(ctx.artifacts["quantization"]["output_error"]["rel_l2"], rel=1e-6)
+
+
+def test_int8_keeps_nm_zeros(cnn24, work):
+    out = work / "cnn24_int8.onnx"
+    before = initializers(cnn24)
+    ctx = quantize(cnn24, out, batches_of(digits_calib()), quant_sensitivity=False, pattern=Pattern(2, 4))
+    inits = initializers(out)
+    checked = 0
+    for t in ctx.artifacts["targets"]:
+        if t.skip:
+            continue
+        (names,) = ctx.layers[t.name]["quant"]["initializers"]
+        q = inits[names["weight"]]
+        w = before[t.weight]
+        assert np.all(q[w == 0] == 0)  # every pruned weight is still exactly 0
+        assert group_max_nonzeros(q, 4, t.primary.red_axis) <= 2
+        checked += 1
+    assert checked == 4
+
+
+def test_int8_bert_matmuls_fused_softmax_and_layernorm_float(work):
+    model = modelzoo.bert_encoder(layers=2, hidden=64, heads=4)
+    src = work / "bert.onnx"
+    onnx.save(model, str(src))
+    feeds = [modelzoo.random_inputs(model, batch=4, dims={"S": 16}, seed=i) for i in range(4)]
+    out = work / "bert_int8.onnx"
+    ctx = quantize(src, out, lambda: iter(feeds), quant_sensitivity=False)
+    ops = optimized_ops(out)
+    assert ops["MatMulIntegerToFloat"] == 12  # q, k, v, attention.output, intermediate, output x 2
+    g = onnx.load(str(out)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    for n in g.node:
+        if n.op_type in ("Softmax", "LayerNormalization"):
+            src_node = producer.get(n.input[0])
+            assert src_node is None or src_node.op_type != "DequantizeLinear", n.name
+        if n.op_type == "MatMul" and all(i in producer for i in n.input[:2]):
+            kinds = {producer[i].op_type for i in n.input[:2]}
+            # the attention products (two activations) stay float; the weight products read DQs
+            assert kinds == {"DequantizeLinear"} or "DequantizeLinear" not in kinds
+    assert ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"] < 0.01
+
+
+def test_int8_needs_calibration(work):
+    with pytest.raises(UserError, match="needs --calib"):
+        quantize(MODELS / "digits_cnn.onnx", work / "nocalib.onnx", None)
+
+
+def test_max_error_keeps_the_worst_layers_float(work, cnn_int8):
+    ctx_all, _ = cnn_int8
+    err_all = ctx_all.artifacts["quantization"]["output_error"]["one_minus_cosine"]
+    sens = {t.name: ctx_all.layers[t.name]["quant"]["sensitivity"]["output_error_if_float"] for t in ctx_all.artifacts["targets"]}
+    best = min(sens, key=sens.get)
+    budget = (sens[best] + err_all) / 2  # met by keeping the one most sensitive layer float
+    out = work / "cnn_budget.onnx"
+    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()), max_error=budget)
+    s = ctx.artifacts["quantization"]
+    assert [f["name"] for f in s["float_layers"]] == [best]
+    assert s["output_error"]["one_minus_cosine"] <= budget
+    ref = float_copy(MODELS / "digits_cnn.onnx", work / "cnn_fp32b.onnx")
+    assert measure_output_error(ref, out, batches_of(digits_calib())())["one_minus_cosine"] <= budget
+    inits = initializers(out)
+    for t in ctx.artifacts["targets"]:
+        q = ctx.layers[t.name]["quant"]
+        if t.name == best:
+            assert q["float"].startswith("kept float") and q["bits"] is None
+            assert inits[t.weight].dtype == np.float32  # the float weight stays
+        else:
+            assert q["bits"] == 8 and t.weight not in inits
+    assert optimized_ops(out)["QLinearConv"] + optimized_ops(out)["QGemm"] == 4
+    # a budget below every single-layer error keeps more layers float, down to none quantized
+    tight = quantize(MODELS / "digits_cnn.onnx", work / "cnn_tight.onnx", batches_of(digits_calib()), max_error=err_all / 10)
+    st = tight.artifacts["quantization"]
+    assert len(st["float_layers"]) >= 2 and st["output_error"]["one_minus_cosine"] <= err_all / 10
+    # a budget the all-quantized model meets keeps every layer quantized
+    loose = quantize(MODELS / "digits_cnn.onnx", work / "cnn_loose.onnx", batches_of(digits_calib()), max_error=0.5, quant_sensitivity=False)
+    assert loose.artifacts["quantization"]["float_layers"] == []
+
+
+@pytest.mark.parametrize("method", ["minmax", "kl", "percentile"])
+def test_calibration_methods(work, method):
+    model = modelzoo.gemm_model(trans_b=1, k=64, n=32)
+    src = work / f"gemm_{method}.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(3, size=(256, 64)).astype(np.float32)  # long tails: the methods disagree
+    ctx = quantize(src, work / f"gemm_{method}_q.onnx", batches_of({"x": x}, 64), calib_method=method, quant_sensitivity=False)
+    q = ctx.layers["gemm"]["quant"]
+    assert q["activation_method"] == method if method != "percentile" else q["activation_method"] == "percentile"
+    t = q["activation_threshold"]
+    amax = float(np.abs(x).max())
+    if method == "minmax":
+        assert t == pytest.approx(amax)
+    else:
+        assert 0 < t < amax
+    if method == "percentile":
+        assert np.mean(np.abs(x) <= t) >= 0.9999 - 1e-3
+    # the Gemm is the graph output: its bias moves to an Add so ORT still fuses QGemm
+    assert optimized_ops(work / f"gemm_{method}_q.onnx")["QGemm"] == 1
+
+
+def test_opset_raised_when_safe_else_per_tensor(work):
+    b = modelzoo.Builder(0, opset=12)
+    h = b.conv("x", 3, 8, 3, name="c1")
+    b.nodes.append(helper.make_node("Conv", [h, b.weight(4, 8, 1, 1)], ["y"], name="c2", kernel_shape=[1, 1]))
+    conv_only = b.model([helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+                        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])])
+    with_relu = modelzoo.conv_model(opset=12)  # Relu changed at opset 13 and 14: not raised
+    rng = np.random.default_rng(0)
+    x = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    for name, model, raised in (("conv_only", conv_only, True), ("with_relu", with_relu, False)):
+        src = work / f"{name}12.onnx"
+        onnx.save(model, str(src))
+        out = work / f"{name}12_q.onnx"
+        ctx = quantize(src, out, batches_of(x, 8), quant_sensitivity=False)
+        m = onnx.load(str(out))
+        version = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        s = ctx.artifacts["quantization"]
+        if raised:
+            assert version == 13 and s["opset_raised_to"] == 13 and "per-channel" in s["weights"]
+        else:
+            assert version == 12 and "per-tensor" in s["weights"]
+        err = measure_output_error(src, out, batches_of(x, 8)())
+        assert err["one_minus_cosine"] < 1e-3
+
+
+def test_bad_options(work):
+    with pytest.raises(UserError, match="--quantize"):
+        quantize(MODELS / "digits_cnn.onnx", work / "bad.onnx", batches_of(digits_calib()), quantize="int4")
+    with pytest.raises(UserError, match="--calib-method"):
+        quantize(MODELS / "digits_cnn.onnx", work / "bad.onnx", batches_of(digits_calib()), calib_method="mse2")
+    with pytest.raises(UserError, match="--bits"):
+        quantize(MODELS / "digits_cnn.onnx", work / "bad.onnx", None, quantize="lut", bits=1)
+    assert not (work / "bad.onnx").exists()
+
+
+# --------------------------------------------------------------------------- log / lut
+
+
+def test_planar_packing_roundtrip():
+    rng = np.random.default_rng(0)
+    for width in (2, 4, 8):
+        for n in (1, 7, 64, 1001):
+            c = rng.integers(0, 1 << width, size=n).astype(np.uint8)
+            p = pack_planar(c, width)
+            assert p.size == -(-n * width // 8)
+            assert np.array_equal(unpack_planar(p, n, width), c)
+
+
+def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode the stored codes with numpy alone, from the names and layout in the report row."""
+    names = q["initializers"]
+    width = q["packing"]["code_width"]
+
+    def unpack(packed, count, w):
+        packed = packed.reshape(-1)
+        f = 8 // w
+        planes = [(packed >> (j * w)) & ((1 << w) - 1) for j in range(f)]
+        return np.concatenate(planes)[:count]
+
+    if q["storage"] == "dense":
+        codes = unpack(inits[names["codes"]], int(np.prod(shape)), width).reshape(shape)
+    else:
+        # the reduction axis r split into (groups, M); N codes and positions kept per group
+        n, m, r = q["nm"]["n"], q["nm"]["m"], q["nm"]["axis"]
+        g = shape[r] // m
+        kept_shape = list(shape[:r]) + [g, n] + list(shape[r + 1 :])
+        count = int(np.prod(kept_shape))
+        kept = unpack(inits[names["codes"]], count, width).reshape(kept_shape)
+        pos = unpack(inits[names["positions"]], count, q["packing"]["position_width"]).reshape(kept_shape)
+        groups = np.zeros(list(shape[:r]) + [g, m] + list(shape[r + 1 :]), np.uint8)  # code 0 decodes to 0
+        np.put_along_axis(groups, pos.astype(np.int64), kept, axis=r + 1)
+        codes = groups.reshape(shape)
+    book = inits[names["codebook"]]
+    axis = q["channel_axis"]
+    idx = codes.astype(np.int64)
+    bshape = [-1 if i == axis else 1 for i in range(len(shape))]
+    if book.size > (1 << q["bits"]):  # one codebook per channel
+        idx = idx + (np.arange(shape[axis]) * (1 << q["bits"])).reshape(bshape)
+    vals = book[idx]
+    if "scale" in names:
+        s = inits[names["scale"]]
+        vals = vals * (s.reshape(bshape) if s.ndim else s)
+    return vals.astype(np.float32)
+
+
+def ort_values(path, names: list[str], feed: dict) -> dict[str, np.ndarray]:
+    """Run the model with extra graph outputs (the decoded weights)."""
+    m = onnx.load(str(path))
+    for n in names:
+        m.graph.output.append(onnx.ValueInfoProto(name=n))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feed)))
+
+
+@pytest.mark.parametrize(
+    "mode,storage,granularity",
+    [("lut", "dense", "auto"), ("lut", "compressed", "tensor"), ("lut", "compressed", "channel"), ("log", "compressed", "auto"), ("log", "dense", "auto")],
+)
+def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, granularity):
+    out = work / f"cnn24_{mode}_{storage}_{granularity}.onnx"
+    original = initializers(cnn24)
+    ctx = quantize(cnn24, out, None, quantize=mode, bits=4, pattern=Pattern(2, 4), nm_storage=storage, lut_granularity=granularity)
+    inits = initializers(out)
+    targets = ctx.artifacts["targets"]
+    feed = {"input": digits_calib()["input"][:2]}
+    decoded = ort_values(out, [t.weight for t in targets], feed)
+    compressed = 0
+    for t in targets:
+        q = ctx.layers[t.name]["quant"]
+        w = original[t.weight]
+        assert t.weight not in inits  # the float weight is gone, a subgraph makes it
+        ref = numpy_decode(inits, q, w.shape)
+        got = decoded[t.weight]
+        assert got.dtype == np.float32 and got.shape == w.shape
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))  # bit-exact
+        assert np.all(got[w == 0] == 0)  # N:M zeros stay exactly zero
+        noise = float(np.sum((w.astype(np.float64) - got) ** 2))
+        if noise == 0:  # e.g. 9 weights per channel and 15 codes: exact
+            assert q["weight_sqnr_db"] is None
+        else:
+            sqnr = 10 * math.log10(float(np.sum(w.astype(np.float64) ** 2)) / noise)
+            assert sqnr == pytest.approx(q["weight_sqnr_db"], abs=0.006)  # what the report claims
+        per_channel = np.moveaxis(got, q["channel_axis"], 0).reshape(w.shape[q["channel_axis"]], -1)
+        assert max(np.unique(row).size for row in per_channel) <= 16
+        if mode == "log":
+            scale = inits[q["initializers"]["scale"]].reshape(-1)
+            ratio = np.abs(per_channel) / scale[:, None]
+            nz = ratio[ratio > 0]
+            assert np.allclose(np.log2(nz), np.rint(np.log2(nz)))
+        compressed += q["storage"] == "nm-compressed"
+    assert compressed == (4 if storage == "compressed" else 0)  # conv1 (reduction 1) is not 2:4
+    assert ctx.artifacts["quantization"]["weight_bytes_after"] < 0.2 * ctx.artifacts["quantization"]["weight_bytes_before"]
+
+
+def test_codebook_files_shrink(cnn24, work):
+    fp32_dense = os.path.getsize(float_copy(MODELS / "digits_cnn.onnx", work / "cnn_fp32c.onnx"))
+    fp32_24 = os.path.getsize(cnn24)
+    dense = work / "cnn_lut4.onnx"
+    quantize(MODELS / "digits_cnn.onnx", dense, None, quantize="lut", bits=4)
+    sparse = work / "cnn24_lut4.onnx"
+    quantize(cnn24, sparse, None, quantize="lut", bits=4, pattern=Pattern(2, 4))
+    log24 = work / "cnn24_log4.onnx"
+    quantize(cnn24, log24, None, quantize="log", bits=4, pattern=Pattern(2, 4))
+    assert os.path.getsize(dense) <= 0.2 * fp32_dense
+    assert os.path.getsize(sparse) <= 0.15 * fp32_24
+    assert os.path.getsize(log24) <= 0.15 * fp32_24
+    # and the models still classify
+    assert accuracy(dense, MODELS / "digits_test.npz") >= accuracy(MODELS / "digits_cnn.onnx", MODELS / "digits_test.npz") - 0.02
+
+
+def test_codebook_matmul_compressed_on_axis_0(work):
+    """MatMul B [K, N]: the groups run along axis 0 (Conv and Gemm transB=1 above: axis 1)."""
+    model = modelzoo.matmul_model(k=64, n=32)
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        if a.ndim == 2:
+            t.CopyFrom(numpy_helper.from_array(prune_nm(a, 2, 4, 0)[0], t.name))
+    src = work / "mm24.onnx"
+    onnx.save(model, str(src))
+    feeds = [modelzoo.random_inputs(model, batch=4, dims={"S": 8}, seed=i) for i in range(4)]
+    original = initializers(src)
+    for mode in ("lut", "log"):
+        out = work / f"mm24_{mode}.onnx"
+        ctx = quantize(src, out, lambda: iter(feeds), quantize=mode, bits=4, pattern=Pattern(2, 4), nm_storage="compressed")
+        inits = initializers(out)
+        targets = ctx.artifacts["targets"]
+        got = ort_values(out, [t.weight for t in targets], feeds[0])
+        for t in targets:
+            q = ctx.layers[t.name]["quant"]
+            assert q["storage"] == "nm-compressed" and q["nm"]["axis"] == 0
+            ref = numpy_decode(inits, q, original[t.weight].shape)
+            assert np.array_equal(got[t.weight], ref)
+            assert np.all(ref[original[t.weight] == 0] == 0)
+        assert ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"] < 0.05
+
+
+def test_codebook_max_error_keeps_layers_float(work):
+    budget = 1e-3  # 4-bit LUT on the digits CNN: about 8e-3 with every layer coded
+    out = work / "cnn_lut_budget.onnx"
+    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()), quantize="lut", bits=4, max_error=budget)
+    s = ctx.artifacts["quantization"]
+    assert s["float_layers"] and s["quantized_layers"] > 0
+    assert s["output_error"]["one_minus_cosine"] <= budget
+    ref = float_copy(MODELS / "digits_cnn.onnx", work / "cnn_fp32d.onnx")
+    assert measure_output_error(ref, out, batches_of(digits_calib())())["one_minus_cosine"] <= budget
+    inits = initializers(out)
+    for f in s["float_layers"]:
+        t = next(t for t in ctx.artifacts["targets"] if t.name == f["name"])
+        assert inits[t.weight].dtype == np.float32
+
+
+@pytest.mark.parametrize("opset,width,note", [(9, 8, "one per byte"), (10, 4, "no N:M-compressed storage")])
+def test_codebook_at_old_opsets(work, opset, width, note):
+    model = modelzoo.conv_model(opset=opset)  # Conv changed at 11: the opset is not raised
+    src = work / f"conv{opset}.onnx"
+    onnx.save(model, str(src))
+    out = work / f"conv{opset}_lut.onnx"
+    ctx = quantize(src, out, None, quantize="lut", bits=4, pattern=Pattern(2, 4))
+    assert any(note in n for n in ctx.notes)
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain == "") == opset
+    inits = initializers(out)
+    original = initializers(src)
+    x = modelzoo.random_inputs(model, batch=2)
+    got = ort_values(out, [t.weight for t in ctx.artifacts["targets"]], x)
+    for t in ctx.artifacts["targets"]:
+        q = ctx.layers[t.name]["quant"]
+        assert q["packing"]["code_width"] == width and q["storage"] == "dense"
+        assert np.array_equal(got[t.weight], numpy_decode(inits, q, original[t.weight].shape))
+
+
+def test_same_input_same_bytes(cnn24, work):
+    a, b = work / "det_a.onnx", work / "det_b.onnx"
+    for p in (a, b):
+        quantize(cnn24, p, None, quantize="lut", bits=4, pattern=Pattern(2, 4))
+    assert a.read_bytes() == b.read_bytes()
+    model = modelzoo.gemm_model()
+    src = work / "det_gemm.onnx"
+    onnx.save(model, str(src))
+    x = {"x": np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)}
+    for p in (a, b):
+        quantize(src, p, batches_of(x), quant_sensitivity=False)
+    assert a.read_bytes() == b.read_bytes()
