@@ -168,3 +168,40 @@ def test_calibration_table_uses_absolute_maxima(tmp_path):
     ep = json.loads(result.paths.ep.read_text())
     trt = dict(ep["providers"])["TensorrtExecutionProvider"]
     assert trt["trt_int8_calibration_table_name"] == "t.calibration.cache" and trt["trt_int8_enable"] is True
+
+
+def test_prune_refit_quantize_compose(tmp_path):
+    """--pattern 2:4 --calib D --quantize int8: pruned, re-fitted, QDQ; zeros survive; accuracy holds."""
+    src = MODELS / "digits_cnn.onnx"
+    result = compile_model(src, output=tmp_path / "q.onnx", pattern="2:4", calib=MODELS / "digits_calib.npz", quantize="int8")
+    model = onnx.load(str(result.paths.model))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    int8_weights = [v for k, v in inits.items() if v.dtype == np.int8 and v.ndim >= 2]
+    assert len(int8_weights) == 5
+    from nmcompile.passes.nm_mask import group_max_nonzeros
+
+    pruned = [w for w in int8_weights if w.shape[1] % 4 == 0 and group_max_nonzeros(w, 4, 1) <= 2]
+    assert len(pruned) == 4  # every pruned layer keeps its 2:4 zeros as int8 zeros
+    ep = json.loads(result.paths.ep.read_text())
+    assert dict(ep["providers"])["TensorrtExecutionProvider"]["trt_int8_enable"] is True
+    assert result.report["quantization"]["mode"] == "int8"
+    dense = accuracy(src, MODELS / "digits_test.npz")
+    assert accuracy(result.paths.model, MODELS / "digits_test.npz") >= dense - 0.01
+
+
+def test_quantize_without_pruning_and_bad_combinations(run_cli, tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    code, _, err = run_cli(src, "--pattern", "none", "--quantize", "lut", "--bits", "4", "-q")
+    assert code == 0, err
+    assert (tmp_path / "m.nm.onnx").stat().st_size < 0.2 * src.stat().st_size
+    for args, expect in (
+        (["--quantize", "int8"], "--calib"),
+        (["--quantize", "lut", "--max-error", "-1"], "max-error"),
+        (["--max-error", "0.01"], "--quantize"),
+        (["--quantize", "fp4"], "quantize"),
+    ):
+        code, _, err = run_cli(src, *args)
+        assert code == 2 and expect in err, (args, err)
