@@ -164,7 +164,7 @@ from nmcompile.graph import GraphIndex, attr, opset_version
 
 from . import quant_math as qm
 from .base import CompileContext, Pass, PassResult
-from .targets import LAYOUT_OPS, Target, Use, WeightView, _chain_ok
+from .targets import LAYOUT_OPS, Target, Use, WeightView, chain_problem
 
 __all__ = [
     "Quantize",
@@ -698,7 +698,7 @@ def _chain_problem(loaded, target: Target) -> str | None:
     if stored is None:
         return "weight initializer not found"
     for use in target.uses:
-        problem = _chain_ok(use.chain, stored)
+        problem = chain_problem(use.chain, stored)
         if problem:
             return problem
     return None

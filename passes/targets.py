@@ -211,7 +211,7 @@ def trace_weight(name: str, index: GraphIndex, loaded) -> tuple[str, list[onnx.N
     return name, chain
 
 
-def _chain_ok(chain: list[onnx.NodeProto], stored: onnx.TensorProto) -> str | None:
+def chain_problem(chain: list[onnx.NodeProto], stored: onnx.TensorProto) -> str | None:
     for i, node in enumerate(chain):
         if node.op_type == "DequantizeLinear":
             if i != 0:
@@ -289,7 +289,7 @@ def _weight_use(node: onnx.NodeProto, index: GraphIndex, loaded):
         weight, chain = w
         slot = 1
     stored = loaded.initializer(weight)
-    problem = _chain_ok(chain, stored)
+    problem = chain_problem(chain, stored)
     try:
         shape = effective_shape(loaded, stored, chain)
     except Exception:  # a chain we cannot replay: leave the weight alone

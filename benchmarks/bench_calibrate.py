@@ -1,0 +1,130 @@
+"""Calibration + AdaPrune end to end: time, throughput and peak memory; accuracy on the shipped models.
+
+Part 1 compiles, each in its own process (peak RSS measured by the parent), a
+ResNet-50-shaped net (25.5 M weights) and a BERT-base-sized encoder with
+`--pattern 2:4 --calib`, and prints calibration throughput, total and per-layer
+AdaPrune time, and peak RSS as a multiple of the model's size, next to plain
+magnitude pruning of the same model in the same run.
+
+Part 2 prints dense / magnitude-only / calibrated top-1 accuracy of the shipped
+digits models at 2:4.
+
+    python benchmarks/bench_calibrate.py [--samples 32] [--image 224] [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "models"))
+
+DRIVER = r"""
+import json, resource, sys, time
+from nmcompile.pipeline import compile_model
+args = json.loads(sys.argv[1])
+start = time.perf_counter()
+result = compile_model(**args)
+elapsed = time.perf_counter() - start
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+layers = [l for l in result.report["layers"] if l.get("reconstruction_error_adaprune") is not None]
+print(json.dumps({
+    "seconds": elapsed,
+    "peak_rss": rss,
+    "timings": result.timings,
+    "errors": [(l["reconstruction_error_masked"], l["reconstruction_error_adaprune"]) for l in layers],
+}))
+"""
+
+
+def run_driver(**kwargs) -> dict:
+    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def large_models(samples: int, image: int, folder: Path) -> None:
+    from nmcompile import modelzoo
+
+    rng = np.random.default_rng(0)
+    cases = [
+        ("ResNet-50 (25.5 M)", modelzoo.resnet50(image=image), {"x": rng.standard_normal((samples, 3, image, image)).astype(np.float32)}),
+        (
+            "BERT-base encoder (85 M + emb.)",
+            modelzoo.bert_encoder(layers=12, hidden=768, heads=12, vocab=30522, seq=128),
+            {"input_ids": rng.integers(0, 30522, size=(samples, 128)).astype(np.int64)},
+        ),
+    ]
+    print(f"{'model':32} {'mode':10} {'seconds':>8} {'samples/s':>10} {'refit s (sum/median/max)':>26} {'peak RSS MB':>12} {'RSS/model':>10} {'error masked->refit (median)':>30}")
+    for name, model, data in cases:
+        src = folder / "model.onnx"
+        size = sum(t.ByteSize() for t in model.graph.initializer)
+        if size > 1_500_000_000:
+            from nmcompile.modelzoo import save_with_external_data
+
+            save_with_external_data(model, src)
+        else:
+            onnx.save(model, str(src))
+        del model
+        np.savez(folder / "calib.npz", **data)
+        mag = run_driver(model=src, output=folder / "mag.onnx", pattern="2:4")
+        cal = run_driver(model=src, output=folder / "cal.onnx", pattern="2:4", calib=folder / "calib.npz", calib_batch=8)
+        for mode, res in (("magnitude", mag), ("calibrated", cal)):
+            times = list(res["timings"].values())
+            fit = f"{sum(times):.1f}/{statistics.median(times):.2f}/{max(times):.2f}" if times else "-"
+            errs = res["errors"]
+            err = f"{statistics.median(e[0] for e in errs):.4f}->{statistics.median(e[1] for e in errs):.4f}" if errs else "-"
+            rate = f"{samples / res['seconds']:.1f}" if mode == "calibrated" else "-"
+            print(
+                f"{name:32} {mode:10} {res['seconds']:8.1f} {rate:>10} {fit:>26} {res['peak_rss'] / 1e6:12.0f} "
+                f"{res['peak_rss'] / size:10.2f} {err:>30}"
+            )
+        print(f"{'':32} model weights {size / 1e6:.0f} MB; {samples} calibration samples")
+
+
+def shipped_accuracy(folder: Path) -> None:
+    from evaluate import accuracy
+
+    from nmcompile.pipeline import compile_model
+
+    print()
+    print(f"{'shipped model (2:4)':22} {'dense':>7} {'magnitude':>10} {'calibrated':>11} {'sequential':>11}")
+    for model, calib, test in (
+        ("digits_cnn.onnx", "digits_calib.npz", "digits_test.npz"),
+        ("digits_encoder.onnx", "digits_encoder_calib.npz", "digits_encoder_test.npz"),
+    ):
+        src, test_path = ROOT / "models" / model, ROOT / "models" / test
+        mag = compile_model(src, output=folder / "m.onnx")
+        cal = compile_model(src, output=folder / "c.onnx", calib=ROOT / "models" / calib)
+        seq = compile_model(src, output=folder / "s.onnx", calib=ROOT / "models" / calib, sequential_calib=True)
+        accs = [accuracy(str(p), str(test_path)) for p in (src, mag.paths.model, cal.paths.model, seq.paths.model)]
+        print(f"{model:22} " + " ".join(f"{a:>{w}.2%}" for a, w in zip(accs, (7, 10, 11, 11))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=32, help="calibration samples for the large models")
+    ap.add_argument("--image", type=int, default=224, help="ResNet input size")
+    ap.add_argument("--skip-large", action="store_true", help="only the shipped models")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        if not args.skip_large:
+            large_models(args.samples, args.image, folder)
+        shipped_accuracy(folder)
+
+
+if __name__ == "__main__":
+    main()
