@@ -42,7 +42,7 @@ class CompileOptions:
     calib: str | None = None
     calib_batch: int = 32
     adaprune: bool = True
-    mask_score: str = "obs"
+    mask_score: str | None = None  # None: obs with --calib, magnitude without
     sequential_calib: bool = False
     damp: float = 0.01
     calib_table: bool = False
@@ -51,6 +51,38 @@ class CompileOptions:
     bits: int = 4
     calib_method: str = "auto"
     max_error: float | None = None
+
+    def __post_init__(self) -> None:
+        """Option combinations that cannot work are the user's to fix: fail before any work."""
+        if isinstance(self.pattern, str):
+            self.pattern = parse_pattern(self.pattern)
+        if self.solver not in ("exact", "approx", "auto"):
+            raise UserError(f"solver {self.solver!r}: expected exact, approx or auto")
+        if self.transposable and self.sequential:
+            raise UserError("--transposable and --sequential cannot be combined")
+        if self.calib_batch < 1:
+            raise UserError("--calib-batch must be at least 1")
+        if self.mask_score is None:
+            self.mask_score = MASK_SCORES[0] if self.calib is not None else "magnitude"
+        if self.mask_score not in MASK_SCORES:
+            raise UserError(f"--mask-score {self.mask_score!r}: expected one of {', '.join(MASK_SCORES)}")
+        needs_calib = {
+            "--mask-score " + self.mask_score: self.mask_score != "magnitude",
+            "--sequential-calib": self.sequential_calib,
+            "--calib-table": self.calib_table,
+            "--quantize int8": self.quantize == "int8",
+        }
+        for flag, used in needs_calib.items():
+            if used and self.calib is None:
+                raise UserError(f"{flag} needs --calib DATA")
+        if self.quantize not in (None, "int8", "log", "lut"):
+            raise UserError(f"--quantize {self.quantize!r}: expected int8, log or lut")
+        if self.max_error is not None and not self.max_error > 0:
+            raise UserError("--max-error must be a positive number")
+        if self.max_error is not None and self.quantize is None:
+            raise UserError("--max-error needs --quantize")
+        if self.calib_table and self.quantize == "int8":
+            raise UserError("--calib-table is for implicit int8 builds of a float model; --quantize int8 writes explicit QDQ instead")
 
     def describe(self) -> dict:
         return {
@@ -123,23 +155,22 @@ def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths) -> None:
 
 
 def build_pipeline(options: CompileOptions) -> PassManager:
+    pruning = options.pattern is not None
+    calibrated = pruning and options.calib is not None
     passes = canonicalize_passes() + [FindTargets()]
-    if options.permute and options.pattern is not None:
+    if pruning and options.permute:
         passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
-    calibrated = options.calib is not None and options.pattern is not None
     if calibrated:
         passes.append(KeepDenseWeights())
     if calibrated and options.sequential_calib:
         passes.append(SequentialCalibration(options.mask_score, options.adaprune, options.damp))
-        if options.quantize is not None:
-            passes.append(Quantize())
-        return PassManager(passes, given=("calib_batches",))
-    if calibrated:
-        passes += [CollectStatistics(), CalibrationScores(options.mask_score, options.damp)]
-    if options.pattern is not None:
-        passes.append(NMMask())
-    if calibrated and options.adaprune:
-        passes.append(AdaPrune(options.damp))
+    else:
+        if calibrated:
+            passes += [CollectStatistics(), CalibrationScores(options.mask_score, options.damp)]
+        if pruning:
+            passes.append(NMMask())
+        if calibrated and options.adaprune:
+            passes.append(AdaPrune(options.damp))
     if options.quantize is not None:
         passes.append(Quantize())
     return PassManager(passes, given=("calib_batches",) if options.calib is not None else ())
@@ -178,36 +209,8 @@ def compile_model(
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
-    if isinstance(pattern, str) or pattern is None:
-        pattern = parse_pattern(pattern)
-    if solver not in ("exact", "approx", "auto"):
-        raise UserError(f"solver {solver!r}: expected exact, approx or auto")
-    if transposable and sequential:
-        raise UserError("--transposable and --sequential cannot be combined")
-    if calib_batch < 1:
-        raise UserError("--calib-batch must be at least 1")
-    if mask_score is None:
-        mask_score = MASK_SCORES[0] if calib is not None else "magnitude"
-    if mask_score not in MASK_SCORES:
-        raise UserError(f"--mask-score {mask_score!r}: expected one of {', '.join(MASK_SCORES)}")
-    if mask_score != "magnitude" and calib is None:
-        raise UserError(f"--mask-score {mask_score} needs --calib DATA")
-    if quantize not in (None, "int8", "log", "lut"):
-        raise UserError(f"--quantize {quantize!r}: expected int8, log or lut")
-    if quantize == "int8" and calib is None:
-        raise UserError("--quantize int8 needs --calib DATA (activation thresholds come from calibration)")
-    if max_error is not None and not (max_error > 0):
-        raise UserError("--max-error must be a positive number")
-    if max_error is not None and quantize is None:
-        raise UserError("--max-error needs --quantize")
-    if calib_table and quantize == "int8":
-        raise UserError("--calib-table is for implicit int8 builds of a float model; --quantize int8 writes explicit QDQ instead")
-    if calib_table and calib is None:
-        raise UserError("--calib-table needs --calib DATA (the ranges come from running the data)")
-    if sequential_calib and calib is None:
-        raise UserError("--sequential-calib needs --calib DATA")
     options = CompileOptions(
-        pattern=pattern,
+        pattern=parse_pattern(pattern) if isinstance(pattern, str) or pattern is None else pattern,
         sequential=sequential,
         transposable=transposable,
         solver=solver,
@@ -246,11 +249,12 @@ def compile_model(
         table_name = paths.model.name.removesuffix(".onnx") + ".calibration.cache"
         table_text, _ = format_calibration_table(collect_ranges(loaded, ctx.artifacts["calib_batches"]()))
         table = (paths.model.parent / "trt_cache" / table_name, table_text)
+    pattern = options.pattern
     ep = provider_config(
         pattern=(pattern.n, pattern.m) if pattern else None,
-        sequential=sequential,
-        transposable=transposable,
-        quantization=quantize,
+        sequential=options.sequential,
+        transposable=options.transposable,
+        quantization=options.quantize,
         model_filename=paths.model.name,
         calibration_table=table[0].name if table else None,
     )
