@@ -57,6 +57,7 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     cal.add_argument("--no-adaprune", action="store_true", help="with --calib: choose masks from the statistics but do not re-fit the weights")
     cal.add_argument("--mask-score", choices=("obs", "activation", "magnitude"), help="how a weight's importance is scored: obs (w^2/[H^-1]_ii, the default with --calib), activation (|w|*||x||), magnitude (|w|, the default without)")
     cal.add_argument("--sequential-calib", action="store_true", help="take each layer's statistics from the model whose earlier layers are already compressed, fitting to the dense outputs (slower, one calibration pass per layer wave)")
+    cal.add_argument("--stats-budget", type=float, default=512, metavar="MIB", help="memory for Gram statistics at once (default 512 MiB); layers are calibrated in chunks that fit, each chunk one pass over the data")
     cal.add_argument("--calib-table", action="store_true", help="also write a legacy TensorRT calibration table (trt_cache/OUT.calibration.cache, absolute-max ranges) for implicit int8 builds of the float model; deprecated by TensorRT 10.1, prefer --quantize int8")
     q = p.add_argument_group("quantization")
     q.add_argument("--quantize", choices=("int8", "log", "lut"), help="int8: explicit QDQ (per-channel int8 weights, calibrated per-tensor activations; needs --calib); log: weight-only sign + power-of-two codes; lut: weight-only k-means codebook")
@@ -102,6 +103,7 @@ def run_compile(args) -> int:
         bits=args.bits,
         calib_method=args.calib_method,
         max_error=args.max_error,
+        stats_budget_mb=args.stats_budget,
     )
     if not args.quiet:
         print(format_summary(result))

@@ -244,12 +244,41 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             if ref.offset < 0 or need > file.stat().st_size:
                 raise UserError(f"tensor {tensor.name!r}: external data in {ref.location!r} is truncated")
     try:
-        # By path: external data is checked relative to the model's folder, not loaded.
-        onnx.checker.check_model(str(path))
+        check_structure(model)
     except Exception as exc:  # ValidationError, or the checker choking on malformed input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise UserError(f"{path}: invalid ONNX model: {first}") from None
     return LoadedModel(model, path)
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx.checker on the graph without its weight bytes.
+
+    The checker needs every initializer to hold data; handing it the real model
+    costs two more copies of the weights (serialized, then parsed in C++). A stub
+    whose initializers all point at one placeholder external file checks the
+    same graph, types and shapes at the cost of the graph alone. Tensor data is
+    validated separately (external data ranges above; protobuf parsing for inline).
+    """
+    stub = onnx.ModelProto()
+    stub.ir_version = model.ir_version
+    stub.opset_import.extend(model.opset_import)
+    stub.functions.extend(model.functions)
+    graph = stub.graph
+    graph.name = model.graph.name or "graph"
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        placeholder = graph.initializer.add()
+        placeholder.name = tensor.name
+        placeholder.data_type = tensor.data_type
+        placeholder.dims.extend(tensor.dims)
+        _set_external(placeholder, "placeholder.bin", 0, 1)
+    with tempfile.TemporaryDirectory(prefix="nmcompile-check-") as folder:
+        Path(folder, "placeholder.bin").write_bytes(b"\0")
+        stub_path = Path(folder, "stub.onnx")
+        stub_path.write_bytes(stub.SerializeToString())
+        onnx.checker.check_model(str(stub_path))
 
 
 # -- saving -------------------------------------------------------------------
@@ -308,10 +337,12 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
     """Write the model with its overridden arrays; external data when the input had it or size demands it.
 
     The written files are registered with `writer`; nothing is visible until it commits.
+    Saving consumes `loaded`: tensors are rewritten in place and each overriding
+    array is released once its bytes are out, so peak memory stays near one copy
+    of the weights (two for an inline model: the message and its serialization).
     """
     out_path = Path(out_path)
-    model = onnx.ModelProto()
-    model.CopyFrom(loaded.model)
+    model = loaded.model
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     total = 0
@@ -326,7 +357,7 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
     with ExitStack() as stack:
         data_fh = stack.enter_context(writer.open(data_path)) if external else None
         for tensor, is_top in _tensors_with_origin(model.graph, True):
-            override = loaded._overrides.get(tensor.name) if is_top else None
+            override = loaded._overrides.pop(tensor.name, None) if is_top else None
             if override is not None:
                 raw = memoryview(np.ascontiguousarray(override).astype(override.dtype.newbyteorder("<"), copy=False)).cast("B")
             elif is_external(tensor):
@@ -347,6 +378,7 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
                 _set_external(tensor, data_path.name, offset, len(raw))
             elif raw is not None:
                 _set_inline(tensor, bytes(raw))
+            del raw, override
         serialized = model.SerializeToString()
         writer.write_bytes(out_path, serialized)
     return SaveResult(out_path, data_path, len(serialized), data_bytes)

@@ -11,14 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from nmcompile.passes.adaprune import (
-    MASK_SCORES,
-    AdaPrune,
-    CalibrationScores,
-    CollectStatistics,
-    KeepDenseWeights,
-    SequentialCalibration,
-)
+from nmcompile.passes.adaprune import MASK_SCORES, Calibrate, KeepDenseWeights, SequentialCalibration
 from nmcompile.passes.base import CompileContext, PassManager
 from nmcompile.passes.canonicalize import canonicalize_passes
 from nmcompile.passes.permute import PermuteChannels
@@ -45,6 +38,7 @@ class CompileOptions:
     mask_score: str | None = None  # None: obs with --calib, magnitude without
     sequential_calib: bool = False
     damp: float = 0.01
+    stats_budget_mb: float = 512
     calib_table: bool = False
     permute: bool = False
     quantize: str | None = None
@@ -60,6 +54,8 @@ class CompileOptions:
             raise UserError(f"solver {self.solver!r}: expected exact, approx or auto")
         if self.transposable and self.sequential:
             raise UserError("--transposable and --sequential cannot be combined")
+        if not self.stats_budget_mb > 0:
+            raise UserError("--stats-budget must be a positive number of MiB")
         if self.calib_batch < 1:
             raise UserError("--calib-batch must be at least 1")
         if self.mask_score is None:
@@ -160,17 +156,12 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     passes = canonicalize_passes() + [FindTargets()]
     if pruning and options.permute:
         passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
-    if calibrated:
-        passes.append(KeepDenseWeights())
     if calibrated and options.sequential_calib:
-        passes.append(SequentialCalibration(options.mask_score, options.adaprune, options.damp))
-    else:
-        if calibrated:
-            passes += [CollectStatistics(), CalibrationScores(options.mask_score, options.damp)]
-        if pruning:
-            passes.append(NMMask())
-        if calibrated and options.adaprune:
-            passes.append(AdaPrune(options.damp))
+        passes += [KeepDenseWeights(), SequentialCalibration(options.mask_score, options.adaprune, options.damp)]
+    elif calibrated:
+        passes.append(Calibrate(options.mask_score, options.adaprune, options.damp, int(options.stats_budget_mb * 2**20)))
+    elif pruning:
+        passes.append(NMMask())
     if options.quantize is not None:
         passes.append(Quantize())
     return PassManager(passes, given=("calib_batches",) if options.calib is not None else ())
@@ -206,6 +197,7 @@ def compile_model(
     bits: int = 4,
     calib_method: str = "auto",
     max_error: float | None = None,
+    stats_budget_mb: float = 512,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -227,6 +219,7 @@ def compile_model(
         bits=bits,
         calib_method=calib_method,
         max_error=max_error,
+        stats_budget_mb=stats_budget_mb,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)

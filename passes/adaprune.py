@@ -79,8 +79,9 @@ class CollectStatistics(Pass):
     requires = ("targets", "calib_batches")
     provides = ("stats",)
 
-    def __init__(self, only: list[Target] | None = None):
+    def __init__(self, only: list[Target] | None = None, source=None):
         self.only = only
+        self.source = source  # (ModelProto, overrides) to run instead of the model as it stands
 
     def run(self, ctx: CompileContext) -> PassResult:
         targets = self.only if self.only is not None else [t for t in ctx.artifacts["targets"] if not t.skip]
@@ -94,13 +95,14 @@ class CollectStatistics(Pass):
                 specs.append(layer_spec(use, f"{target.name}#{i}"))
                 owners.append((target.name, i))
         loaded = ctx.model
+        model, overrides = self.source or (loaded.model, loaded.overrides())
         raw = collect_statistics(
-            loaded.model,
+            model,
             specs,
             ctx.artifacts["calib_batches"](),
             progress=bool(getattr(ctx.options, "progress", False)),
             base_dir=str(loaded.base_dir),
-            overrides=loaded.overrides(),
+            overrides=overrides,
         )
         stats: dict[str, list[LayerStats]] = ctx.artifacts.setdefault("stats", {})
         for spec, (name, i) in zip(specs, owners):
@@ -116,15 +118,16 @@ class CalibrationScores(Pass):
     requires = ("targets", "stats")
     provides = ("scores",)
 
-    def __init__(self, kind: str = "obs", damp: float = 0.01):
+    def __init__(self, kind: str = "obs", damp: float = 0.01, only: list[Target] | None = None):
         self.kind = kind
         self.damp = damp
+        self.only = only
 
     def run(self, ctx: CompileContext) -> PassResult:
         scores = ctx.artifacts.setdefault("scores", {})
         if self.kind == "magnitude":
             return PassResult(False)
-        for target in ctx.artifacts["targets"]:
+        for target in self.only if self.only is not None else ctx.artifacts["targets"]:
             stats = ctx.artifacts["stats"].get(target.name)
             if target.skip or not stats:
                 continue
@@ -285,12 +288,87 @@ class KeepDenseWeights(Pass):
     requires = ("targets",)
     provides = ("dense_weights",)
 
+    def __init__(self, only: list[Target] | None = None):
+        self.only = only
+
     def run(self, ctx: CompileContext) -> PassResult:
         kept = ctx.artifacts.setdefault("dense_weights", {})
-        for target in ctx.artifacts["targets"]:
+        for target in self.only if self.only is not None else ctx.artifacts["targets"]:
             if not target.skip and calibratable(target) is None and target.name not in kept:
                 kept[target.name] = WeightView(ctx.model, target.weight, target.primary).effective().copy()
         return PassResult(False)
+
+
+# -- one-pass calibration within a memory budget -------------------------------------------
+
+
+def gram_shape(target: Target) -> tuple[int, int]:
+    """(groups, features per group) of the target's input statistics."""
+    use = target.primary
+    if use.op == "Conv":
+        return use.groups, int(np.prod(use.eff_shape[1:], dtype=np.int64))
+    return 1, use.reduction
+
+
+def dense_snapshot(loaded):
+    """The model as it stands (the dense model), kept for statistics while later passes edit it."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    return model, loaded.overrides()
+
+
+class Calibrate(Pass):
+    """Statistics, calibration-aware masks and AdaPrune, in chunks of layers whose Gram
+    matrices fit the memory budget. Every chunk's statistics come from the dense model
+    (one-pass semantics); a chunk's Grams are freed once its layers are re-fitted."""
+
+    name = "calibrate"
+    requires = ("targets", "calib_batches")
+    provides = ("masks", "stats", "dense_weights")
+
+    def __init__(self, mask_score: str, refit: bool, damp: float = 0.01, budget_bytes: int = 512 << 20):
+        self.mask_score = mask_score
+        self.refit = refit
+        self.damp = damp
+        self.budget_bytes = budget_bytes
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        from .nm_mask import NMMask
+        from .statistics import stats_nbytes
+
+        targets = [t for t in ctx.artifacts["targets"] if not t.skip]
+        fit = [t for t in targets if calibratable(t) is None]
+        for t in targets:
+            if t not in fit:
+                ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
+        ctx.artifacts.setdefault("masks", {})
+        ctx.artifacts.setdefault("stats", {})
+        ctx.artifacts.setdefault("dense_weights", {})
+        NMMask(only=[t for t in targets if t not in fit]).run(ctx)
+        chunks, current, used = [], [], 0
+        for t in fit:
+            cost = stats_nbytes(*gram_shape(t)) * len(t.uses)
+            if current and used + cost > self.budget_bytes:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(t)
+            used += cost
+        if current:
+            chunks.append(current)
+        source = dense_snapshot(ctx.model) if len(chunks) > 1 else None
+        for chunk in ctx.progress(chunks, desc="calibration chunks") if len(chunks) > 1 else chunks:
+            CollectStatistics(only=chunk, source=source).run(ctx)
+            CalibrationScores(self.mask_score, self.damp, only=chunk).run(ctx)
+            KeepDenseWeights(only=chunk).run(ctx)
+            NMMask(only=chunk).run(ctx)
+            if self.refit:
+                AdaPrune(self.damp, only=chunk).run(ctx)
+            for t in chunk:  # the chunk is done: free its statistics and dense copy
+                ctx.artifacts["stats"].pop(t.name, None)
+                ctx.artifacts["dense_weights"].pop(t.name, None)
+                ctx.artifacts.get("scores", {}).pop(t.name, None)
+        ctx.notes.append(f"calibration in {len(chunks)} chunk(s) of layers within a {self.budget_bytes / 2**20:g} MiB statistics budget")
+        return PassResult(True)
 
 
 # -- sequential calibration ----------------------------------------------------------------
