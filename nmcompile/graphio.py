@@ -337,9 +337,9 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
     """Write the model with its overridden arrays; external data when the input had it or size demands it.
 
     The written files are registered with `writer`; nothing is visible until it commits.
-    Saving consumes `loaded`: tensors are rewritten in place and each overriding
-    array is released once its bytes are out, so peak memory stays near one copy
-    of the weights (two for an inline model: the message and its serialization).
+    Tensors are rewritten in place (the stale bytes of overridden ones are dropped)
+    and the overriding arrays are written straight from numpy, so no second copy
+    of the weights is built; `loaded.array()` still answers for overridden names.
     """
     out_path = Path(out_path)
     model = loaded.model
@@ -354,10 +354,11 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
 
     data_path = out_path.with_name(out_path.name + ".data") if external else None
     data_bytes = 0
+    streamed: dict[str, memoryview] = {}  # inline mode: raw bytes written straight from the arrays
     with ExitStack() as stack:
         data_fh = stack.enter_context(writer.open(data_path)) if external else None
         for tensor, is_top in _tensors_with_origin(model.graph, True):
-            override = loaded._overrides.pop(tensor.name, None) if is_top else None
+            override = loaded._overrides.get(tensor.name) if is_top else None
             if override is not None:
                 raw = memoryview(np.ascontiguousarray(override).astype(override.dtype.newbyteorder("<"), copy=False)).cast("B")
             elif is_external(tensor):
@@ -376,12 +377,87 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
                 data_fh.write(raw)
                 data_bytes += len(raw)
                 _set_external(tensor, data_path.name, offset, len(raw))
+            elif raw is not None and is_top and not external:
+                _clear_data(tensor)
+                streamed[tensor.name] = raw
             elif raw is not None:
                 _set_inline(tensor, bytes(raw))
             del raw, override
-        serialized = model.SerializeToString()
-        writer.write_bytes(out_path, serialized)
-    return SaveResult(out_path, data_path, len(serialized), data_bytes)
+        if streamed:
+            with writer.open(out_path) as fh:
+                model_bytes = write_streamed(model, streamed, fh)
+        else:
+            serialized = model.SerializeToString()
+            writer.write_bytes(out_path, serialized)
+            model_bytes = len(serialized)
+    return SaveResult(out_path, data_path, model_bytes, data_bytes)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+# Protobuf tags (field number << 3 | length-delimited) of the fields written by hand.
+_MODEL_GRAPH = _varint(7 << 3 | 2)
+_GRAPH_INITIALIZER = _varint(5 << 3 | 2)
+_TENSOR_RAW_DATA = _varint(9 << 3 | 2)
+
+
+def _shell(message, skip: str):
+    """A copy of a message without one (large) field, built field by field so nothing big is copied."""
+    shell = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(shell, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    return shell
+
+
+def write_streamed(model: onnx.ModelProto, raw: dict[str, memoryview], fh) -> int:
+    """Serialize `model` to fh, taking the raw_data of the named main-graph initializers from `raw`.
+
+    Protobuf lets fields come in any order, so the message is written as the
+    model without its graph, then the graph without its initializers, then each
+    initializer's header followed by its bytes, straight from the numpy array.
+    This avoids building the whole serialization (another copy of the weights)
+    in memory. The result parses to exactly the message onnx.save would write.
+    """
+    graph = model.graph
+    head = _shell(model, "graph").SerializeToString()
+    graph_head = _shell(graph, "initializer").SerializeToString()
+    records = []
+    for tensor in graph.initializer:
+        header = tensor.SerializeToString()
+        data = raw.get(tensor.name)
+        tail = b"" if data is None else _TENSOR_RAW_DATA + _varint(len(data))
+        size = len(header) + len(tail) + (0 if data is None else len(data))
+        records.append((header, tail, data, size))
+    graph_len = len(graph_head) + sum(len(_GRAPH_INITIALIZER) + len(_varint(r[3])) + r[3] for r in records)
+    written = 0
+    for chunk in (head, _MODEL_GRAPH, _varint(graph_len), graph_head):
+        fh.write(chunk)
+        written += len(chunk)
+    for header, tail, data, size in records:
+        for chunk in (_GRAPH_INITIALIZER, _varint(size), header, tail):
+            fh.write(chunk)
+            written += len(chunk)
+        if data is not None:
+            fh.write(data)
+            written += len(data)
+    return written
 
 
 def _current_nbytes(loaded: LoadedModel, tensor: TensorProto) -> int:
@@ -398,6 +474,13 @@ def _set_external(tensor: TensorProto, location: str, offset: int, length: int) 
         entry = tensor.external_data.add()
         entry.key = key
         entry.value = value
+
+
+def _clear_data(tensor: TensorProto) -> None:
+    for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        tensor.ClearField(f)
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
 
 
 def _set_inline(tensor: TensorProto, raw: bytes) -> None:
