@@ -12,6 +12,7 @@ from nmcompile.passes.canonicalize import ConstantsToInitializers, NameNodes
 from nmcompile.passes.targets import WeightView, find_targets
 
 from . import graphio
+from .patterns import Pattern
 
 INSPECT_M = (4, 8, 16, 32)
 TRANSPOSABLE_M = (4, 8)
@@ -53,6 +54,8 @@ def inspect_model(path: str | os.PathLike) -> dict:
     """Per-layer sparsity and the N:M patterns each target weight satisfies."""
     from nmcompile.passes.transposable import mask_diversity
 
+    from .pipeline import trt_row
+
     loaded = graphio.load_model(Path(path))
     ctx = CompileContext(model=loaded, options=None)
     NameNodes()(ctx)
@@ -73,6 +76,9 @@ def inspect_model(path: str | os.PathLike) -> dict:
         for m in TRANSPOSABLE_M:
             n = transposable_n(weight, m, use.out_axis, use.red_axis)
             row["transposable"][str(m)] = n
+        n4 = row["smallest_n"]["4"]
+        followed = Pattern(n4, 4) if n4 is not None and n4 < 4 else None
+        row["trt_sparse"] = trt_row(target, followed, "fp16")
         layers.append(row)
     diversity = []
     for n, m, transposable, unstructured, label in DIVERSITY_PATTERNS:
@@ -82,7 +88,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
 
 
 def format_inspect(result: dict) -> str:
-    header = ["layer", "op", "shape", "sparsity"] + [f"N:{m}" for m in INSPECT_M] + ["transposable"]
+    header = ["layer", "op", "shape", "sparsity"] + [f"N:{m}" for m in INSPECT_M] + ["transposable", "TRT sparse (fp16)"]
     rows = []
     for layer in result["layers"]:
         cells = [layer["name"], layer["op"], "x".join(map(str, layer["shape"])), f"{layer['sparsity']:.1%}"]
@@ -95,8 +101,10 @@ def format_inspect(result: dict) -> str:
             if n is not None and n < m:
                 t.append(f"{n}:{m}-T")
         cells.append(", ".join(t) if t else "no")
+        cells.append("yes" if layer["trt_sparse"]["eligible"] else "no")
         rows.append(cells)
     out = [format_table(header, rows)]
+    out.append("TRT sparse: 2:4 along input channels, fp16/int8, >= 256 channels, not grouped (the rule and its sources: --json, trt_sparse.reason)")
     out.append("")
     out.append("mask diversity (valid masks per 64 weights):")
     out.append(format_table(["pattern", "masks"], [[d["pattern"], f"{d['masks_per_64_weights']:.3g}"] for d in result["mask_diversity"]]))

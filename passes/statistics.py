@@ -22,10 +22,11 @@ batch's activations are cut into chunk jobs (≤ ``chunk_bytes`` of patch rows,
 32 MiB by default) that worker threads turn into partial ``Pᵀ P`` and ``Σ P``
 with single-threaded BLAS, merged into the float64 accumulators in job order, so
 the numbers do not depend on the thread count. Peak: one batch of the requested
-activations, plus per worker about two chunks of patches and partial products;
-never all activations. The accumulators themselves hold G·K² float64 per layer
-input (``plan_passes`` splits the layers over several passes when that is too
-much).
+activations, plus the jobs in flight (patches and K×K float32 partial products,
+capped near 256 MiB but at least one job per worker); never all activations. The accumulators hold the upper triangle of each Gram,
+G·K(K+1)/2 float64 per distinct layer input — for a transformer still ~1.6× its
+fp32 weights — and ``plan_passes`` splits the layers over several passes when
+that is too much.
 
 Precision: with ``precision="float32"`` (default) each chunk's product ``PᵀP`` is
 one float32 SYRK/GEMM (at most ``chunk_bytes`` of rows, a few thousand rows) and
@@ -63,6 +64,8 @@ __all__ = [
     "conv_output_shape",
     "spec_from_node",
     "stats_nbytes",
+    "pack_upper",
+    "unpack_upper",
     "plan_passes",
     "graph_input_names",
     "fixed_batch_size",
@@ -128,24 +131,70 @@ class LayerSpec:
                 self.dilations, self.group, self.auto_pad)
 
 
+def _tri_offsets(K: int) -> np.ndarray:
+    """Start of row i's segment (columns i..K-1) in the packed upper triangle."""
+    i = np.arange(K + 1, dtype=np.int64)
+    return i * K - i * (i - 1) // 2
+
+
+def pack_upper(full: np.ndarray) -> np.ndarray:
+    """(G, K, K) symmetric → (G, K(K+1)/2) upper triangle, row by row."""
+    G, K, _ = full.shape
+    out = np.empty((G, K * (K + 1) // 2), np.float64)
+    off = _tri_offsets(K)
+    for i in range(K):
+        out[:, off[i]:off[i + 1]] = full[:, i, i:]
+    return out
+
+
+def unpack_upper(packed: np.ndarray, K: int) -> np.ndarray:
+    """(G, K(K+1)/2) packed upper triangle → (G, K, K) symmetric float64."""
+    G = packed.shape[0]
+    full = np.empty((G, K, K), np.float64)
+    off = _tri_offsets(K)
+    for i in range(K):
+        seg = packed[:, off[i]:off[i + 1]]
+        full[:, i, i:] = seg
+        full[:, i + 1:, i] = seg[:, 1:]
+    return full
+
+
 @dataclass
 class LayerStats:
-    """``gram`` (G, K, K) float64 = Σ x xᵀ; ``mean`` (G, K) float64; ``count`` the
-    number of sample vectors. G = conv group count (1 for dense). Layers that read
-    the same input with the same geometry share one LayerStats object: treat it as
-    read-only."""
+    """Statistics of one layer input. ``gram`` (G, K, K) float64 = Σ x xᵀ, built on
+    access from ``packed`` (the upper triangle, (G, K(K+1)/2) float64: half the
+    memory while many layers' statistics are held); ``mean`` (G, K) float64;
+    ``count`` the number of sample vectors. G = conv group count (1 for dense).
+    Layers that read the same input with the same geometry share one LayerStats
+    object: treat it as read-only. ``gram`` returns a new array on every access;
+    ``gram_group(g)`` builds one group's (K, K)."""
 
-    gram: np.ndarray
+    packed: np.ndarray
     mean: np.ndarray
     count: int
 
+    @classmethod
+    def from_gram(cls, gram: np.ndarray, mean: np.ndarray, count: int) -> "LayerStats":
+        return cls(pack_upper(np.asarray(gram, np.float64)), np.asarray(mean), int(count))
+
     @property
     def groups(self) -> int:
-        return self.gram.shape[0]
+        return self.packed.shape[0]
 
     @property
     def features(self) -> int:
-        return self.gram.shape[1]
+        return self.mean.shape[1]
+
+    @property
+    def gram(self) -> np.ndarray:
+        return unpack_upper(self.packed, self.features)
+
+    def gram_group(self, g: int) -> np.ndarray:
+        return unpack_upper(self.packed[g:g + 1], self.features)[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.mean.nbytes
 
 
 def spec_from_node(node: onnx.NodeProto, weight_shape: Sequence[int] | None = None,
@@ -269,26 +318,37 @@ class _Accumulator:
         self.spec = spec
         self.dtype = np.dtype(dtype)
         self.chunk_bytes = chunk_bytes
-        self.gram: np.ndarray | None = None
+        self.packed: np.ndarray | None = None  # (G, K(K+1)/2) upper triangle
         self.sums: np.ndarray | None = None
+        self.shape: tuple[int, int] | None = None
         self.count = 0
 
     def _init(self, G: int, K: int) -> None:
-        if self.gram is None:
-            self.gram = np.zeros((G, K, K), np.float64)
+        if self.packed is None:
+            self.shape = (G, K)
+            self.packed = np.zeros((G, K * (K + 1) // 2), np.float64)
             self.sums = np.zeros((G, K), np.float64)
-        elif self.gram.shape != (G, K, K):
+            self.offsets = _tri_offsets(K)
+            # small K: one gather with a cached index; large K: row slices
+            self.tri_index = np.flatnonzero(np.triu(np.ones((K, K), bool))) if K <= 512 else None
+        elif self.shape != (G, K):
             raise ValueError(f"layer {self.spec.name}: input feature size changed "
-                             f"between batches ({self.gram.shape[1:]} → {(K, K)})")
+                             f"between batches ({self.shape} → {(G, K)})")
 
     def add(self, x: np.ndarray) -> None:
         """Accumulate one batch in this thread."""
-        for job in self.jobs(x):
+        for _, job in self.jobs(x):
             self.merge(job())
 
     def merge(self, part) -> None:
-        prod, sums = part
-        self.gram += prod
+        prod, sums = part  # prod (G, K, K) float32/64, symmetric
+        G, K = self.shape
+        if self.tri_index is not None:
+            self.packed += prod.reshape(G, K * K)[:, self.tri_index]
+        else:
+            off = self.offsets
+            for i in range(K):
+                self.packed[:, off[i]:off[i + 1]] += prod[:, i, i:]
         self.sums += sums
 
     def jobs(self, x: np.ndarray) -> list:
@@ -316,7 +376,8 @@ class _Accumulator:
             prod = np.matmul(c.T, c)  # SYRK: c.T and c share memory
             return prod[None], c.sum(axis=0, dtype=np.float64)[None]
 
-        return [lambda r0=r0: job(r0) for r0 in range(0, X.shape[0], step)]
+        cost = K * K * dtype.itemsize + step * K * dtype.itemsize
+        return [(cost, lambda r0=r0: job(r0)) for r0 in range(0, X.shape[0], step)]
 
     def _conv_jobs(self, x: np.ndarray) -> list:
         spec = self.spec
@@ -348,30 +409,37 @@ class _Accumulator:
                 prod = np.matmul(P, P.transpose(0, 2, 1))
             return prod, P.sum(axis=2, dtype=np.float64)
 
-        return [lambda n0=n0, h0=h0: job(n0, h0)
+        cost = G * K * K * dtype.itemsize + min(per_sample * n_step, self.chunk_bytes)
+        return [(cost, lambda n0=n0, h0=h0: job(n0, h0))
                 for n0 in range(0, N, n_step) for h0 in range(0, out[0], h_step)]
 
     def result(self) -> LayerStats:
-        if self.gram is None or self.count == 0:
+        if self.packed is None or self.count == 0:
             raise ValueError(f"layer {self.spec.name}: no calibration samples")
-        return LayerStats(self.gram, self.sums / self.count, self.count)
+        return LayerStats(self.packed, self.sums / self.count, self.count)
 
 
-def _run_jobs(jobs: list, pool, workers: int) -> None:
-    """Run (accumulator, job) pairs on ``pool``, merging results in list order
-    with at most 2·workers partial results alive."""
+def _run_jobs(jobs: list, pool, workers: int, budget: int = 256 << 20) -> None:
+    """Run (accumulator, (cost, job)) pairs on ``pool``, merging results in list
+    order. At most 2·workers jobs are in flight, and fewer once their estimated
+    bytes (partial products + patches) pass ``budget`` — but never fewer than
+    ``workers``."""
     if pool is None:
-        for acc, job in jobs:
+        for acc, (_, job) in jobs:
             acc.merge(job())
         return
     inflight: deque = deque()
-    for acc, job in jobs:
-        inflight.append((acc, pool.submit(job)))
-        if len(inflight) >= 2 * workers:
-            a, f = inflight.popleft()
+    used = 0
+    for acc, (cost, job) in jobs:
+        while inflight and (len(inflight) >= 2 * workers or
+                            (used + cost > budget and len(inflight) >= workers)):
+            a, c, f = inflight.popleft()
             a.merge(f.result())
+            used -= c
+        inflight.append((acc, cost, pool.submit(job)))
+        used += cost
     while inflight:
-        a, f = inflight.popleft()
+        a, _, f = inflight.popleft()
         a.merge(f.result())
 
 
@@ -661,8 +729,9 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
 
 
 def stats_nbytes(groups: int, features: int) -> int:
-    """Bytes one accumulator holds (float64 Gram, float32 product buffer, sums)."""
-    return groups * features * features * (8 + 4) + groups * features * 8
+    """Bytes one accumulator holds: the packed float64 upper triangle and sums
+    (plus, transiently, one float32 partial product per job in flight)."""
+    return groups * (features * (features + 1) // 2 + features) * 8
 
 
 def plan_passes(specs: Sequence[LayerSpec], shapes: Mapping[str, tuple[int, int]],

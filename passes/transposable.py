@@ -45,8 +45,10 @@ by dropping a kept entry (~2% of random 2:4 tiles).  So approx >= greedy
 holds on totals, not on every tile; greedy is within 1/2 of the exactly-N
 optimum on every tile.
 
-All solvers are deterministic: tiles are independent, so the numba-parallel
-loop over tiles cannot change any result, and ties are broken by index.
+All solvers are deterministic: tiles are independent, so splitting them across
+threads (``numba.get_num_threads()`` Python threads running GIL-free numba
+kernels) cannot change any result, and ties are broken by index.  Kernels are
+compiled once per input dtype (float32 / float64) and cached on disk.
 Scores may contain ties and zeros (and negative values, which are simply
 maximised too); NaN / inf are rejected.
 """
@@ -54,10 +56,14 @@ maximised too); NaN / inf are rejected.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
-from numba import njit, prange
+import numba
+from numba import njit
 
 try:  # LLVM cttz; an internal numba helper, so keep a fallback
     from numba.cpython.unsafe.numbers import trailing_zeros
@@ -96,8 +102,6 @@ AUTO_EXACT_BUDGET = 8_000_000_000
 #: Maximum number of 2-opt passes over all row pairs in ``approx``.
 TWO_OPT_PASSES = 1
 
-#: Tiles per parallel work item.
-_CHUNK = 512
 
 
 # ---------------------------------------------------------------------------
@@ -114,50 +118,72 @@ def _check_nm(n: int, m: int) -> None:
 
 @lru_cache(maxsize=None)
 def count_transposable_tiles(n: int, m: int) -> int:
-    """Number of m×m 0/1 matrices with every row and column sum equal to n.
+    """Number of m×m 0/1 matrices with every row and column sum equal to n
+    (2:4 -> 90, 4:8 -> 116963796250).
 
-    Dynamic programme over rows; the state is the multiset of column counts,
-    stored as ``(a_0, ..., a_n)`` = number of columns already holding k ones.
-    A new row picks ``t_k`` columns from each class k < n (sum t_k = n), in
-    ``prod C(a_k, t_k)`` ways, and moves them to class k+1.
+    Dynamic programme over rows; the state is the multiset of column counts
+    ``(a_0, ..., a_n)`` (a_k = columns already holding k ones), packed into
+    one integer.  A row picks t_k columns from each class k (sum n) in
+    prod C(a_k, t_k) ways, taken class by class from k = n-1 down so that
+    states share work.  Only the top m//2 rows are run: the bottom half must
+    produce the complementary column counts, and both halves have the same
+    counts, so the total is sum_S W(S) W(S') / #vectors(S).  Uses
+    count(n, m) == count(m - n, m) (complements).  Fast for m <= 16 (8:16
+    takes about 2 s); for m = 32 only min(n, m - n) <= 4 is allowed (8:32
+    already takes minutes), else ValueError.
     """
     if not (0 <= n <= m):
         return 0
-    # ways to pick t_k from class k for k in 0..n-1 with sum n
-    start = tuple([m] + [0] * n)
-    states = {start: 1}
-    for _ in range(m):
-        nxt: dict = {}
-        for state, ways in states.items():
-            for t, mult in _row_choices(state, n):
-                new = list(state)
-                for k, tk in enumerate(t):
-                    if tk:
-                        new[k] -= tk
-                        new[k + 1] += tk
-                key = tuple(new)
-                nxt[key] = nxt.get(key, 0) + ways * mult
-        states = nxt
-    final = tuple([0] * n + [m])
-    return states.get(final, 0)
+    n = min(n, m - n)
+    if n == 0:
+        return 1
+    if m > 16 and n > 4:
+        raise ValueError(f"counting {n}:{m} transposable tiles is too expensive")
+    B = m + 1
+    P = [B**k for k in range(n + 2)]
+    comb = [[math.comb(a, t) for t in range(a + 1)] for a in range(m + 1)]
 
+    def half(h):
+        states = {m * P[0]: 1}
+        for r in range(h):
+            cur = {st * (n + 1) + n: w for st, w in states.items()}  # (state, left)
+            for k in range(n - 1, -1, -1):
+                nxt: dict = {}
+                pk = P[k]
+                step = P[k + 1] - pk
+                for key, w in cur.items():
+                    st, left = divmod(key, n + 1)
+                    ak = (st // pk) % B
+                    lo = left if k == 0 else 0
+                    cr = comb[ak]
+                    for t in range(lo, min(left, ak) + 1):
+                        nk = (st + t * step) * (n + 1) + (left - t)
+                        nxt[nk] = nxt.get(nk, 0) + w * cr[t]
+                cur = nxt
+            rows_left = m - r - 1
+            states = {}
+            for key, w in cur.items():
+                st = key // (n + 1)
+                # a column holding k ones needs n - k more from rows_left rows
+                if any((st // P[k]) % B for k in range(max(0, n - rows_left))):
+                    continue
+                states[st] = states.get(st, 0) + w
+        return states
 
-def _row_choices(state, n):
-    """Yield (t, multiplicity): t_k columns taken from class k (k < n)."""
-    out = []
-
-    def rec(k, left, t, mult):
-        if k == n:
-            if left == 0:
-                out.append((tuple(t), mult))
-            return
-        for tk in range(min(left, state[k]) + 1):
-            t.append(tk)
-            rec(k + 1, left - tk, t, mult * math.comb(state[k], tk))
-            t.pop()
-
-    rec(0, n, [], 1)
-    return out
+    h = m // 2
+    top = half(h)
+    bot = top if m - h == h else half(m - h)
+    total = 0
+    fm = math.factorial(m)
+    for st, w in top.items():
+        a = [(st // P[k]) % B for k in range(n + 1)]
+        wb = bot.get(sum(a[k] * P[n - k] for k in range(n + 1)))
+        if wb:
+            nvec = fm
+            for v in a:
+                nvec //= math.factorial(v)
+            total += w * wb // nvec
+    return total
 
 
 @lru_cache(maxsize=None)
@@ -219,8 +245,8 @@ def enumerate_transposable_tiles(n: int, m: int) -> np.ndarray:
     enumeration solver breaks ties by the lowest index in this list.
     Only for small counts (see :func:`count_transposable_tiles`)."""
     _check_nm(n, m)
-    cnt = count_transposable_tiles(n, m)
-    if cnt > 100_000:
+    cnt = count_transposable_tiles(n, m) if m <= 8 else None
+    if cnt is None or cnt > 100_000:
         raise ValueError(f"{n}:{m} has {cnt} transposable tiles; too many to enumerate")
     combos, pre, pre_state, suf, suf_state, _ = _enum_tables(n, m)
     rows = np.zeros((combos.shape[0], m), dtype=bool)
@@ -303,74 +329,104 @@ def _order_desc(keys, lo, K, order, packed):
             order[r] = k
 
 
-@njit(cache=True, parallel=True)
-def _enum_kernel(S, out, n, m, combos, pre, pre_state, suf, suf_state, nstates):
+_BLK = 64  # tiles of one strip scored together (SIMD across tiles)
+
+
+@njit(cache=True, nogil=True)
+def _enum_kernel(S, out, n, m, combos, pre, pre_state, suf, suf_state, nstates, j_lo, j_hi):
+    """Meet-in-the-middle enumeration, vectorised across the tiles of a strip
+    (m rows of S): for each block of up to _BLK tiles, row-combination sums
+    rs[i, k, b]; the best prefix (top h rows) and best suffix (bottom rows)
+    of every column-count state; then the best state.  Ties: lowest prefix
+    index, then lowest suffix index = lowest pattern index."""
     R, C = S.shape
     tpr = C // m
-    T = (R // m) * tpr
+    strips = R // m
+    nblk = (tpr + _BLK - 1) // _BLK
+    njobs = strips * nblk
     K = combos.shape[0]
     h = pre.shape[1]
     Pp = pre.shape[0]
     Ps = suf.shape[0]
-    nchunks = (T + _CHUNK - 1) // _CHUNK
-    for ch in prange(nchunks):
-        w = np.empty(m * m, np.float64)
-        rs = np.empty(m * K, np.float64)
-        tb = np.empty(nstates, np.float64)
-        ta = np.empty(nstates, np.int64)
-        bb = np.empty(nstates, np.float64)
-        ba = np.empty(nstates, np.int64)
-        sel = np.empty(m, np.int64)
-        x = np.empty(m * m, np.uint8)
-        t_end = min(T, (ch + 1) * _CHUNK)
-        for t in range(ch * _CHUNK, t_end):
-            r0 = (t // tpr) * m
-            c0 = (t % tpr) * m
-            _load_tile(S, r0, c0, m, w)
-            for i in range(m):
-                for k in range(K):
+    rs = np.empty((m, K, _BLK), np.float64)
+    tb = np.empty((nstates, _BLK), np.float64)
+    ta = np.empty((nstates, _BLK), np.int64)
+    bb = np.empty((nstates, _BLK), np.float64)
+    ba = np.empty((nstates, _BLK), np.int64)
+    v = np.empty(_BLK, np.float64)
+    best = np.empty(_BLK, np.float64)
+    bta = np.empty(_BLK, np.int64)
+    bst = np.empty(_BLK, np.int64)
+    for job in range(j_lo, min(njobs, j_hi)):
+        st = job // nblk
+        b0 = (job % nblk) * _BLK
+        nb = min(_BLK, tpr - b0)
+        r0 = st * m
+        for i in range(m):
+            row = S[r0 + i]
+            for k in range(K):
+                for b in range(nb):
                     acc = 0.0
+                    base = (b0 + b) * m
                     for q in range(n):
-                        acc += w[i * m + combos[k, q]]
-                    rs[i * K + k] = acc
-            for s in range(nstates):
-                tb[s] = -np.inf
-                bb[s] = -np.inf
-                ta[s] = -1
-                ba[s] = -1
-            for p in range(Pp):
-                v = 0.0
-                for r in range(h):
-                    v += rs[r * K + pre[p, r]]
-                s = pre_state[p]
-                if v > tb[s]:
-                    tb[s] = v
-                    ta[s] = p
-            for p in range(Ps):
-                v = 0.0
-                for r in range(m - h):
-                    v += rs[(h + r) * K + suf[p, r]]
-                s = suf_state[p]
-                if v > bb[s]:
-                    bb[s] = v
-                    ba[s] = p
-            best = -np.inf
-            bs = -1
-            for s in range(nstates):
-                v = tb[s] + bb[s]
-                if bs < 0 or v > best or (v == best and ta[s] < ta[bs]):
-                    best = v
-                    bs = s
+                        acc += row[base + combos[k, q]]
+                    rs[i, k, b] = acc
+        for s in range(nstates):
+            for b in range(nb):
+                tb[s, b] = -np.inf
+                bb[s, b] = -np.inf
+                ta[s, b] = 0
+                ba[s, b] = 0
+        for p in range(Pp):
+            s = pre_state[p]
+            for b in range(nb):
+                v[b] = 0.0
             for r in range(h):
-                sel[r] = pre[ta[bs], r]
+                kk = pre[p, r]
+                for b in range(nb):
+                    v[b] += rs[r, kk, b]
+            for b in range(nb):
+                better = v[b] > tb[s, b]
+                tb[s, b] = v[b] if better else tb[s, b]
+                ta[s, b] = p if better else ta[s, b]
+        for p in range(Ps):
+            s = suf_state[p]
+            for b in range(nb):
+                v[b] = 0.0
             for r in range(m - h):
-                sel[h + r] = suf[ba[bs], r]
-            for k in range(m * m):
-                x[k] = 0
+                kk = suf[p, r]
+                for b in range(nb):
+                    v[b] += rs[h + r, kk, b]
+            for b in range(nb):
+                better = v[b] > bb[s, b]
+                bb[s, b] = v[b] if better else bb[s, b]
+                ba[s, b] = p if better else ba[s, b]
+        for b in range(nb):
+            best[b] = -np.inf
+            bta[b] = Pp
+            bst[b] = 0
+        for s in range(nstates):
+            for b in range(nb):
+                tot = tb[s, b] + bb[s, b]
+                better = (tot > best[b]) | ((tot == best[b]) & (ta[s, b] < bta[b]))
+                best[b] = tot if better else best[b]
+                bta[b] = ta[s, b] if better else bta[b]
+                bst[b] = s if better else bst[b]
+        for b in range(nb):
+            c0 = (b0 + b) * m
             for i in range(m):
+                for j in range(m):
+                    out[r0 + i, c0 + j] = False
+            pidx = bta[b]
+            sidx = ba[bst[b], b]
+            for r in range(h):
+                kk = pre[pidx, r]
                 for q in range(n):
-                    x[i * m + combos[sel[i], q]] = 1
-            _store_tile(out, r0, c0, m, x)
+                    out[r0 + r, c0 + combos[kk, q]] = True
+            for r in range(m - h):
+                kk = suf[sidx, r]
+                for q in range(n):
+                    out[r0 + h + r, c0 + combos[kk, q]] = True
 
 
 @njit(cache=True)
@@ -481,36 +537,33 @@ def _ssp_tile(w, keys, packed, x, M, N, order, pr, pc, dr, dc, predr, predc, row
     return True
 
 
-@njit(cache=True, parallel=True)
-def _ssp_kernel(S, out, n, m, packed):
+@njit(cache=True, nogil=True)
+def _ssp_kernel(S, out, n, m, packed, t_lo, t_hi):
     R, C = S.shape
     tpr = C // m
     T = (R // m) * tpr
-    nchunks = (T + _CHUNK - 1) // _CHUNK
-    for ch in prange(nchunks):
-        K = m * m
-        w = np.empty(K, np.float64)
-        wb = w.view(np.uint64)
-        keys = np.empty(K, np.uint64)
-        x = np.empty(K, np.uint8)
-        order = np.empty(m, np.int64)
-        pr = np.empty(m, np.float64)
-        pc = np.empty(m, np.float64)
-        dr = np.empty(m, np.float64)
-        dc = np.empty(m, np.float64)
-        predr = np.empty(m, np.int64)
-        predc = np.empty(m, np.int64)
-        rowb = np.empty(m, np.uint64)
-        colb = np.empty(m, np.uint64)
-        colcnt = np.empty(m, np.int64)
-        t_end = min(T, (ch + 1) * _CHUNK)
-        for t in range(ch * _CHUNK, t_end):
-            r0 = (t // tpr) * m
-            c0 = (t % tpr) * m
-            _load_tile(S, r0, c0, m, w)
-            _make_keys(wb, K, keys, packed)
-            _ssp_tile(w, keys, packed, x, m, n, order, pr, pc, dr, dc, predr, predc, rowb, colb, colcnt)
-            _store_tile(out, r0, c0, m, x)
+    K = m * m
+    w = np.empty(K, np.float64)
+    wb = w.view(np.uint64)
+    keys = np.empty(K, np.uint64)
+    x = np.empty(K, np.uint8)
+    order = np.empty(m, np.int64)
+    pr = np.empty(m, np.float64)
+    pc = np.empty(m, np.float64)
+    dr = np.empty(m, np.float64)
+    dc = np.empty(m, np.float64)
+    predr = np.empty(m, np.int64)
+    predc = np.empty(m, np.int64)
+    rowb = np.empty(m, np.uint64)
+    colb = np.empty(m, np.uint64)
+    colcnt = np.empty(m, np.int64)
+    for t in range(t_lo, min(T, t_hi)):
+        r0 = (t // tpr) * m
+        c0 = (t % tpr) * m
+        _load_tile(S, r0, c0, m, w)
+        _make_keys(wb, K, keys, packed)
+        _ssp_tile(w, keys, packed, x, m, n, order, pr, pc, dr, dc, predr, predc, rowb, colb, colcnt)
+        _store_tile(out, r0, c0, m, x)
 
 
 @njit(cache=True)
@@ -695,46 +748,43 @@ def _two_opt_tile(w, x, M, max_passes):
             break
 
 
-@njit(cache=True, parallel=True)
-def _greedy_kernel(S, out, n, m, packed, repair, two_opt_passes):
+@njit(cache=True, nogil=True)
+def _greedy_kernel(S, out, n, m, packed, repair, two_opt_passes, t_lo, t_hi):
     R, C = S.shape
     tpr = C // m
     T = (R // m) * tpr
-    nchunks = (T + _CHUNK - 1) // _CHUNK
-    for ch in prange(nchunks):
-        K = m * m
-        w = np.empty(K, np.float64)
-        wb = w.view(np.uint64)
-        keys = np.empty(K, np.uint64)
-        x = np.empty(K, np.uint8)
-        order = np.empty(K, np.int64)
-        rc = np.empty(m, np.int64)
-        cc = np.empty(m, np.int64)
-        qbuf = np.empty(2 * m, np.int64)
-        pred = np.empty(2 * m, np.int64)
-        vis = np.empty(2 * m, np.uint8)
-        f1 = np.empty(m, np.float64)
-        f2 = np.empty(m, np.float64)
-        f3 = np.empty(m, np.float64)
-        f4 = np.empty(m, np.float64)
-        i1 = np.empty(m, np.int64)
-        i2 = np.empty(m, np.int64)
-        ub1 = np.empty(m, np.uint64)
-        ub2 = np.empty(m, np.uint64)
-        t_end = min(T, (ch + 1) * _CHUNK)
-        for t in range(ch * _CHUNK, t_end):
-            r0 = (t // tpr) * m
-            c0 = (t % tpr) * m
-            _load_tile(S, r0, c0, m, w)
-            _make_keys(wb, K, keys, packed)
-            kept = _greedy_tile(keys, packed, x, m, n, order, rc, cc)
-            if repair:
-                if not _repair_tile(w, x, m, n, rc, cc, kept, qbuf, pred, vis, f1, i1):
-                    # unreachable in theory; never emit an invalid tile
-                    _ssp_tile(w, keys, packed, x, m, n, order, f1, f2, f3, f4, i1, i2, ub1, ub2, cc)
-                elif two_opt_passes > 0:
-                    _two_opt_tile(w, x, m, two_opt_passes)
-            _store_tile(out, r0, c0, m, x)
+    K = m * m
+    w = np.empty(K, np.float64)
+    wb = w.view(np.uint64)
+    keys = np.empty(K, np.uint64)
+    x = np.empty(K, np.uint8)
+    order = np.empty(K, np.int64)
+    rc = np.empty(m, np.int64)
+    cc = np.empty(m, np.int64)
+    qbuf = np.empty(2 * m, np.int64)
+    pred = np.empty(2 * m, np.int64)
+    vis = np.empty(2 * m, np.uint8)
+    f1 = np.empty(m, np.float64)
+    f2 = np.empty(m, np.float64)
+    f3 = np.empty(m, np.float64)
+    f4 = np.empty(m, np.float64)
+    i1 = np.empty(m, np.int64)
+    i2 = np.empty(m, np.int64)
+    ub1 = np.empty(m, np.uint64)
+    ub2 = np.empty(m, np.uint64)
+    for t in range(t_lo, min(T, t_hi)):
+        r0 = (t // tpr) * m
+        c0 = (t % tpr) * m
+        _load_tile(S, r0, c0, m, w)
+        _make_keys(wb, K, keys, packed)
+        kept = _greedy_tile(keys, packed, x, m, n, order, rc, cc)
+        if repair:
+            if not _repair_tile(w, x, m, n, rc, cc, kept, qbuf, pred, vis, f1, i1):
+                # unreachable in theory; never emit an invalid tile
+                _ssp_tile(w, keys, packed, x, m, n, order, f1, f2, f3, f4, i1, i2, ub1, ub2, cc)
+            elif two_opt_passes > 0:
+                _two_opt_tile(w, x, m, two_opt_passes)
+        _store_tile(out, r0, c0, m, x)
 
 
 # ---------------------------------------------------------------------------
@@ -745,8 +795,8 @@ def _greedy_kernel(S, out, n, m, packed, repair, two_opt_passes):
 def _as_scores(scores) -> np.ndarray:
     a = np.asarray(scores)
     if a.dtype not in (np.float32, np.float64):
-        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise ValueError(f"scores must be numeric, got dtype {a.dtype}")
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"scores must be real numbers, got dtype {a.dtype}")
         a = a.astype(np.float64)
     a = np.ascontiguousarray(a)
     if a.size and not np.isfinite(a).all():
@@ -768,6 +818,36 @@ def _resolve_solver(solver: str, n: int, m: int, size: int) -> str:
     return "approx"
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+#: Smallest number of work items (tiles, or blocks of tiles) worth a thread.
+_MIN_ITEMS_PER_THREAD = 256
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                       thread_name_prefix="nmcompile-transposable")
+        return _POOL
+
+
+def _run(kernel, items: int, *args) -> None:
+    """kernel(*args, lo, hi) over [0, items), split across
+    ``numba.get_num_threads()`` threads (the kernels release the GIL).
+    Items are independent, so the split never changes the result."""
+    threads = max(1, min(numba.get_num_threads(), items // _MIN_ITEMS_PER_THREAD))
+    if threads == 1:
+        kernel(*args, 0, items)
+        return
+    parts = 4 * threads  # a little slack for uneven tiles
+    bounds = [items * k // parts for k in range(parts + 1)]
+    futures = [_pool().submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(parts)]
+    for f in futures:
+        f.result()
+
+
 def _solve_2d(S: np.ndarray, n: int, m: int, solver: str) -> np.ndarray:
     """S: C-contiguous float32/float64 (R, C), R and C multiples of m."""
     solver = _resolve_solver(solver, n, m, S.size)
@@ -776,15 +856,18 @@ def _solve_2d(S: np.ndarray, n: int, m: int, solver: str) -> np.ndarray:
         return out
     # float32 scores: exact packed sort keys (see _make_keys)
     packed = S.dtype == np.float32
+    R, C = S.shape
+    tiles = (R // m) * (C // m)
     if solver == "exact":
         if _use_enum(n, m):
-            _enum_kernel(S, out, n, m, *_enum_tables(n, m))
+            jobs = (R // m) * (-(-(C // m) // _BLK))
+            _run(_enum_kernel, jobs, S, out, n, m, *_enum_tables(n, m))
         else:
-            _ssp_kernel(S, out, n, m, packed)
+            _run(_ssp_kernel, tiles, S, out, n, m, packed)
     elif solver == "approx":
-        _greedy_kernel(S, out, n, m, packed, True, TWO_OPT_PASSES)
+        _run(_greedy_kernel, tiles, S, out, n, m, packed, True, TWO_OPT_PASSES)
     else:  # greedy
-        _greedy_kernel(S, out, n, m, packed, False, 0)
+        _run(_greedy_kernel, tiles, S, out, n, m, packed, False, 0)
     return out
 
 
@@ -797,8 +880,15 @@ def solve_tiles(tiles, n: int, solver: str = "exact") -> np.ndarray:
         raise ValueError(f"tiles must have shape (T, M, M), got {a.shape}")
     T, m, _ = a.shape
     _check_nm(n, m)
-    out = _solve_2d(a.reshape(T * m, m), int(n), int(m), solver)
-    return out.reshape(T, m, m)
+    n, m = int(n), int(m)
+    if _resolve_solver(solver, n, m, a.size) == "exact" and _use_enum(n, m):
+        # the enumeration kernel scores the tiles of a strip together: lay the
+        # batch out as one (m, T*m) strip (a copy), and back
+        strip = np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(m, T * m)
+        out = _solve_2d(strip, n, m, "exact")
+        return np.ascontiguousarray(out.reshape(m, T, m).transpose(1, 0, 2))
+    # (T, m, m) is the (T*m, m) matrix: no copy
+    return _solve_2d(a.reshape(T * m, m), n, m, solver).reshape(T, m, m)
 
 
 def transposable_mask(scores, n: int, m: int, solver: str = "exact") -> np.ndarray:
