@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "models"))
 
 DRIVER = r"""
-import json, resource, sys, time
+import json, sys, time
 from nmcompile.pipeline import compile_model
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 result = compile_model(**args)
 elapsed = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and starts at the forking parent's RSS
+rss = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 layers = [l for l in result.report["layers"] if l.get("reconstruction_error_adaprune") is not None]
 print(json.dumps({
     "seconds": elapsed,

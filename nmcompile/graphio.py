@@ -266,8 +266,8 @@ def check_structure(model: onnx.ModelProto) -> None:
     stub.functions.extend(model.functions)
     graph = stub.graph
     graph.name = model.graph.name or "graph"
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(graph, field).extend(getattr(model.graph, field))
+    for name in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, name).extend(getattr(model.graph, name))
     for tensor in model.graph.initializer:
         placeholder = graph.initializer.add()
         placeholder.name = tensor.name
@@ -414,15 +414,15 @@ _TENSOR_RAW_DATA = _varint(9 << 3 | 2)
 def _shell(message, skip: str):
     """A copy of a message without one (large) field, built field by field so nothing big is copied."""
     shell = type(message)()
-    for field, value in message.ListFields():
-        if field.name == skip:
+    for descriptor, value in message.ListFields():
+        if descriptor.name == skip:
             continue
-        if field.is_repeated:
-            getattr(shell, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(shell, field.name).CopyFrom(value)
+        if descriptor.is_repeated:
+            getattr(shell, descriptor.name).extend(value)
+        elif descriptor.type == descriptor.TYPE_MESSAGE:
+            getattr(shell, descriptor.name).CopyFrom(value)
         else:
-            setattr(shell, field.name, value)
+            setattr(shell, descriptor.name, value)
     return shell
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from nmcompile.passes.adaprune import MASK_SCORES, Calibrate, KeepDenseWeights, SequentialCalibration
 from nmcompile.passes.base import CompileContext, PassManager
@@ -17,7 +16,7 @@ from nmcompile.passes.canonicalize import canonicalize_passes
 from nmcompile.passes.permute import PermuteChannels
 from nmcompile.passes.quantize import Quantize
 from nmcompile.passes.nm_mask import NMMask
-from nmcompile.passes.targets import FindTargets, WeightView
+from nmcompile.passes.targets import FindTargets
 
 from . import graphio
 from .errors import UserError

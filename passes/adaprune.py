@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from nmcompile.graph import GraphIndex, attr
 

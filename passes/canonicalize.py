@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from nmcompile.graph import GraphIndex, attr, set_attr
 

@@ -454,24 +454,20 @@ def graph_input_names(model: onnx.ModelProto) -> list[str]:
 
 
 def fixed_batch_size(model: onnx.ModelProto) -> int | None:
-    """The fixed first dimension shared by the model's inputs (e.g. 1), or None
-    when any input's first dimension is symbolic/unknown. Conflicting fixed
-    values raise ValueError."""
+    """The fixed first dimension of the model's inputs (e.g. 1): a single fixed
+    input fixes the batch for all; None when every input's first dimension is
+    symbolic or unknown. Conflicting fixed values raise ValueError."""
     names = set(graph_input_names(model))
     fixed: set[int] = set()
-    dynamic = False
     for vi in model.graph.input:
         if vi.name not in names:
             continue
         t = vi.type.tensor_type
         if not t.HasField("shape") or len(t.shape.dim) == 0:
-            dynamic = True
             continue
         d0 = t.shape.dim[0]
         if d0.HasField("dim_value") and d0.dim_value > 0:
             fixed.add(int(d0.dim_value))
-        else:
-            dynamic = True
     if len(fixed) > 1:
         raise ValueError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
     return fixed.pop() if fixed else None

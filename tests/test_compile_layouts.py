@@ -113,7 +113,6 @@ def test_conv_bn_is_folded_before_pruning(tmp_path):
 def test_weight_behind_see_through_ops(tmp_path, kind):
     result, src, out = compile_and_check(tmp_path, zoo.chain_model(kind), expect_pruned=["mm"])
     # the stored initializer itself carries the zeros (for dq: the zero point)
-    model = onnx.load(str(out))
     w_eff = effective_weights(out)["mm"][0]
     assert np.count_nonzero(w_eff == 0) == w_eff.size // 2
 
@@ -136,7 +135,7 @@ def test_shared_weight_pruned_once(tmp_path):
 
 def test_shared_weight_with_conflicting_uses_stays_dense(tmp_path):
     """One [64, 32] weight: a MatMul reduces it along 64, a 1x1 Conv (through Reshape) along 32."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     b = zoo.Builder(0)
     w = b.weight(64, 32, fan_in=64, name="shared_w")
