@@ -24,9 +24,8 @@ import time
 
 import numba
 import numpy as np
-from scipy.optimize import linprog
-
 from nmcompile.passes.transposable import check_transposable, transposable_mask
+from scipy.optimize import linprog
 
 PATTERNS = [(2, 4), (4, 8), (8, 16)]
 LP_SAMPLE = {4: 400, 8: 200, 16: 40}
@@ -81,7 +80,7 @@ def main() -> None:
         if args.rows % m or args.cols % m:
             print(f"skip {n}:{m}-T: shape not tileable")
             continue
-        exact, t_exact = timed(lambda: transposable_mask(s, n, m, "exact"), args.repeats)
+        exact, t_exact = timed(lambda n=n, m=m: transposable_mask(s, n, m, "exact"), args.repeats)
         assert check_transposable(exact, n, m)
         opt = float(s[exact].sum(dtype=np.float64))
         if (n, m) == (4, 8):
@@ -102,7 +101,7 @@ def main() -> None:
         rows.append((f"{n}:{m}-T", f"lp (HiGHS, {k} tiles)", k * m * m / t_lp, lp_kept / ex_kept, "yes"))
 
         for solver in ("greedy", "approx"):
-            mask, t = timed(lambda: transposable_mask(s, n, m, solver), args.repeats)
+            mask, t = timed(lambda n=n, m=m, sv=solver: transposable_mask(s, n, m, sv), args.repeats)
             kept = float(s[mask].sum(dtype=np.float64))
             valid = "yes" if check_transposable(mask, n, m) else "<= N"
             rows.append((f"{n}:{m}-T", solver, size / t, kept / opt, valid))

@@ -59,10 +59,10 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 
-import numpy as np
 import numba
+import numpy as np
 from numba import njit
 
 try:  # LLVM cttz; an internal numba helper, so keep a fallback
@@ -77,16 +77,16 @@ except ImportError:  # pragma: no cover
         return c
 
 __all__ = [
-    "transposable_mask",
-    "solve_tiles",
-    "tile_optimality_gap",
-    "mask_diversity",
+    "AUTO_EXACT_BUDGET",
+    "ENUM_LIMIT",
+    "SOLVERS",
+    "check_transposable",
     "count_transposable_tiles",
     "enumerate_transposable_tiles",
-    "check_transposable",
-    "SOLVERS",
-    "ENUM_LIMIT",
-    "AUTO_EXACT_BUDGET",
+    "mask_diversity",
+    "solve_tiles",
+    "tile_optimality_gap",
+    "transposable_mask",
 ]
 
 SOLVERS = ("exact", "approx", "greedy", "auto")
@@ -111,12 +111,12 @@ TWO_OPT_PASSES = 1
 
 def _check_nm(n: int, m: int) -> None:
     if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer))):
-        raise ValueError(f"n and m must be integers, got {n!r}, {m!r}")
+        raise TypeError(f"n and m must be integers, got {n!r}, {m!r}")
     if not (0 < n < m <= 32):
         raise ValueError(f"need 0 < n < m <= 32, got n={n}, m={m}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def count_transposable_tiles(n: int, m: int) -> int:
     """Number of m×m 0/1 matrices with every row and column sum equal to n
     (2:4 -> 90, 4:8 -> 116963796250).
@@ -186,7 +186,7 @@ def count_transposable_tiles(n: int, m: int) -> int:
     return total
 
 
-@lru_cache(maxsize=None)
+@cache
 def _enum_tables(n: int, m: int):
     """Tables of the meet-in-the-middle enumeration solver.
 
@@ -841,7 +841,8 @@ def _run(kernel, items: int, *args) -> None:
     if threads == 1:
         kernel(*args, 0, items)
         return
-    parts = 4 * threads  # a little slack for uneven tiles
+    # many parts, so a thread slowed by other load takes fewer of them
+    parts = max(threads, min(16 * threads, items // _MIN_ITEMS_PER_THREAD))
     bounds = [items * k // parts for k in range(parts + 1)]
     futures = [_pool().submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(parts)]
     for f in futures:

@@ -10,8 +10,6 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scipy.optimize import linprog
-
 from nmcompile.passes import transposable as tp
 from nmcompile.passes.transposable import (
     check_transposable,
@@ -20,6 +18,7 @@ from nmcompile.passes.transposable import (
     tile_optimality_gap,
     transposable_mask,
 )
+from scipy.optimize import linprog
 
 PATTERNS = [(2, 4), (4, 8), (8, 16)]
 
