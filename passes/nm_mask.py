@@ -123,8 +123,9 @@ def group_max_nonzeros(weight: np.ndarray, m: int, axis: int) -> int | None:
     axis = axis % weight.ndim
     if weight.shape[axis] % m or weight.size == 0:
         return None
-    nz = np.moveaxis(weight != 0, axis, -1).reshape(-1, m)
-    return int(nz.sum(axis=1).max())
+    nz = _as_3d(np.ascontiguousarray(weight) != 0, axis)  # a view: no transposed copy
+    outer, k, inner = nz.shape
+    return int(nz.reshape(outer, k // m, m, inner).sum(axis=2, dtype=np.int32).max())
 
 
 def existing_pattern(weight: np.ndarray, axis: int, ms=(4, 8, 16, 32)) -> tuple[int, int] | None:
@@ -203,7 +204,7 @@ class NMMask(Pass):
                         row["optimality"] = tile_optimality_gap(mats.reshape(-1, mats.shape[-1]), mask_m.reshape(-1, mats.shape[-1]), pattern.n, pattern.m)
             zeros_before = int(weight.size - np.count_nonzero(weight))
             zeros_after = int(pruned.size - np.count_nonzero(pruned))
-            if zeros_before:
+            if zeros_before * 32 >= weight.size:  # sparse enough to follow some N:M (31:32 at least)
                 existing = existing_pattern(weight, use.red_axis)
                 if existing is not None:
                     # converting: weights the old pattern kept that the new one drops
