@@ -48,7 +48,7 @@ class GraphIndex:
             for a in node.attribute:
                 subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
                 for sub in subs:
-                    for name in _outer_names(sub):
+                    for name in names_read(sub.node):
                         self.consumers[name].append((node, -1))
         self.graph_outputs = {o.name for o in graph.output}
         self.initializers = {t.name for t in graph.initializer}
@@ -60,14 +60,15 @@ class GraphIndex:
         return name in self.graph_outputs
 
 
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
+def names_read(nodes) -> set[str]:
+    """Every tensor name the nodes read, their subgraphs included."""
+    names: set[str] = set()
+    for node in nodes:
         names.update(i for i in node.input if i)
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                names |= _outer_names(a.g)
+                names |= names_read(a.g.node)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    names |= _outer_names(g)
+                    names |= names_read(g.node)
     return names

@@ -346,6 +346,20 @@ def dense_snapshot(loaded):
     return model, loaded.overrides()
 
 
+def mask_uncalibratable(ctx: CompileContext) -> list[Target]:
+    """Masks by magnitude the targets that cannot be fitted from statistics; returns the rest."""
+    from .nm_mask import NMMask
+
+    targets = [t for t in ctx.artifacts["targets"] if not t.skip]
+    fit = [t for t in targets if calibratable(t) is None]
+    for t in targets:
+        if t not in fit:
+            ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
+    ctx.artifacts.setdefault("masks", {})
+    NMMask(only=[t for t in targets if t not in fit]).run(ctx)
+    return fit
+
+
 class Calibrate(Pass):
     """Statistics, calibration-aware masks and AdaPrune, in chunks of layers whose Gram
     matrices fit the memory budget. Every chunk's statistics come from the dense model
@@ -365,15 +379,9 @@ class Calibrate(Pass):
         from .nm_mask import NMMask
         from .statistics import stats_nbytes
 
-        targets = [t for t in ctx.artifacts["targets"] if not t.skip]
-        fit = [t for t in targets if calibratable(t) is None]
-        for t in targets:
-            if t not in fit:
-                ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
-        ctx.artifacts.setdefault("masks", {})
+        fit = mask_uncalibratable(ctx)
         ctx.artifacts.setdefault("stats", {})
         ctx.artifacts.setdefault("dense_weights", {})
-        NMMask(only=[t for t in targets if t not in fit]).run(ctx)
         chunks, current, used = [], [], 0
         for t in fit:
             cost = stats_nbytes(*gram_shape(t)) * len(t.uses)
@@ -527,18 +535,8 @@ class SequentialCalibration(Pass):
         from .nm_mask import NMMask
 
         loaded = ctx.model
-        dense_model = onnx.ModelProto()
-        dense_model.CopyFrom(loaded.model)
-        dense_overrides = loaded.overrides()
-        targets = [t for t in ctx.artifacts["targets"] if not t.skip]
-        fit = [t for t in targets if calibratable(t) is None]
-        for t in targets:
-            if t not in fit:
-                ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
-        ctx.artifacts.setdefault("masks", {})
-        plain = [t for t in targets if t not in fit]
-        if plain:
-            NMMask(only=plain).run(ctx)
+        dense_model, dense_overrides = dense_snapshot(loaded)
+        fit = mask_uncalibratable(ctx)
         levels = dependency_levels(fit, loaded.model.graph)
         for wave in ctx.progress(levels, desc="layer waves"):
             specs = [layer_spec(u, f"{t.name}#{i}") for t in wave for i, u in enumerate(t.uses)]

@@ -160,7 +160,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nmcompile.errors import UserError
-from nmcompile.graph import GraphIndex, attr, opset_version
+from nmcompile.graph import GraphIndex, attr, names_read, opset_version
 
 from . import quant_math as qm
 from .base import CompileContext, Pass, PassResult
@@ -279,33 +279,6 @@ def _finite_or_none(x: float | None, ndigits: int = 3):
     return round(float(x), ndigits)
 
 
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(i for i in node.input if i)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _subgraph_names(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    names |= _subgraph_names(g)
-    return names
-
-
-def _referenced(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Every tensor name the nodes (and their subgraphs) read."""
-    names: set[str] = set()
-    for node in nodes:
-        names.update(i for i in node.input if i)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _subgraph_names(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    names |= _subgraph_names(g)
-    return names
-
-
 class _Namer:
     """Fresh, deterministic names that collide with nothing in the graph."""
 
@@ -316,7 +289,7 @@ class _Namer:
             taken.add(node.name)
             taken.update(node.output)
             taken.update(node.input)
-        taken |= _subgraph_names(graph)
+        taken |= names_read(graph.node)
         self.taken = taken
 
     def __call__(self, base: str) -> str:
@@ -452,7 +425,7 @@ class _Sessions:
         g = m.graph
         g.name = src.graph.name or "graph"
         g.node.extend(nodes)
-        refs = _referenced(nodes)
+        refs = names_read(nodes)
         src_inits = {t.name for t in src.graph.initializer}
         g.input.extend(i for i in src.graph.input
                        if i.name not in drop_inputs and i.name not in removed and (i.name not in src_inits or i.name in refs))
@@ -534,7 +507,7 @@ def _needed_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.
             continue
         keep.add(i)
         stack.extend(x for x in nodes[i].input if x)
-        stack.extend(_referenced([nodes[i]]) - set(nodes[i].input))
+        stack.extend(names_read([nodes[i]]) - set(nodes[i].input))
     return [nodes[i] for i in sorted(keep)]
 
 
@@ -668,7 +641,7 @@ def _dead_chain_nodes(nodes: list[onnx.NodeProto], candidates: set[str], graph_o
     """Drop candidate nodes (weight layout chains) whose outputs nobody reads any more."""
     nodes = list(nodes)
     while True:
-        used = _referenced(nodes) | graph_outputs
+        used = names_read(nodes) | graph_outputs
         keep = [n for n in nodes if n.name not in candidates or any(o in used for o in n.output if o)]
         if len(keep) == len(nodes):
             return keep
@@ -680,7 +653,7 @@ def _finish_edit(loaded, nodes: list[onnx.NodeProto], new_inits: dict[str, np.nd
     graph = loaded.model.graph
     outs = {o.name for o in graph.output}
     nodes = _dead_chain_nodes(nodes, chain_nodes, outs)
-    refs = _referenced(nodes) | outs
+    refs = names_read(nodes) | outs
     removed = {name for name in candidates if name not in refs and loaded.initializer(name) is not None}
     return _GraphEdit(nodes, new_inits, removed, opset, set(drop_inputs or ()) | removed)
 
