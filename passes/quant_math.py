@@ -350,23 +350,6 @@ def _as_hist(hist) -> tuple[np.ndarray, float, float]:
 _SMOOTH_EPS = 1e-4
 
 
-def _smooth(x: np.ndarray, zero: np.ndarray, n_zero: int) -> np.ndarray | None:
-    """MXNet / ONNX Runtime ``smooth_distribution`` on raw counts (eps = 1e-4).
-
-    Zeros become eps; the same total is taken off the nonzeros, so the sum is
-    kept.  Returns None when the distribution cannot be smoothed (all zero, or a
-    nonzero entry would become <= 0), which makes that candidate's KL infinite.
-    """
-    n_nonzero = x.size - n_zero
-    if n_nonzero == 0:
-        return None
-    eps1 = _SMOOTH_EPS * n_zero / n_nonzero
-    out = np.where(zero, _SMOOTH_EPS, x - eps1)
-    if n_zero and eps1 > 0 and np.min(out) <= 0:
-        return None
-    return out
-
-
 def kl_divergence_curve(
     counts,
     num_quant_levels: int = 128,
@@ -396,8 +379,8 @@ def kl_divergence_curve(
     ``suppress_zero_bin`` replaces ``counts[0]`` with ``counts[1]`` first
     (pytorch-quantization's trick against the spike of exact zeros after ReLU).
 
-    The loop is over candidates with O(i) numpy work each (prefix sums give the
-    level totals), about 0.1 s for 2048 bins.
+    The loop over candidates is compiled (prefix sums give the level totals):
+    about 16 ms for 2048 bins.
     """
     c = np.asarray(counts, dtype=np.float64).reshape(-1).copy()
     if (c < 0).any() or not np.isfinite(c).all():
@@ -416,35 +399,64 @@ def kl_divergence_curve(
     C = np.concatenate(([0.0], np.cumsum(c)))
     N = np.concatenate(([0], np.cumsum(nzmask, dtype=np.int64)))
     total = C[-1]
-    kvec = np.arange(L + 1, dtype=np.int64)
     out = np.full(cands.size, np.inf)
     if total <= 0:
         return cands, out
-    for t, i in enumerate(cands):
-        i = int(i)
-        starts = (kvec * i + (L - 1)) // L  # ceil(k*i/L): level k holds bins [starts[k], starts[k+1])
-        lvl_sum = C[starts[1:]] - C[starts[:-1]]
-        lvl_nnz = N[starts[1:]] - N[starts[:-1]]
-        avg = lvl_sum / np.maximum(lvl_nnz, 1)
-        nz = nzmask[:i]
-        q = np.where(nz, np.repeat(avg, np.diff(starts)), 0.0)
-        p = c[:i].copy()
-        p[-1] += total - C[i]
-        n_zero_q = i - int(N[i])
-        pz = ~nz
-        n_zero_p = n_zero_q
-        if p[-1] > 0 and not nz[-1]:
-            pz = pz.copy()
-            pz[-1] = False
-            n_zero_p -= 1
-        ps = _smooth(p, pz, n_zero_p)
-        qs = _smooth(q, ~nz, n_zero_q)
-        if ps is None or qs is None:
-            continue
-        sp = ps.sum()
-        sq = qs.sum()
-        out[t] = float(np.dot(ps, np.log(ps / qs)) / sp + math.log(sq / sp))
+    _kl_curve_kernel(c, nzmask, C, N, cands, L, total, _SMOOTH_EPS, out)
     return cands, out
+
+
+@_njit(cache=True)
+def _kl_curve_kernel(c, nzmask, C, N, cands, L, total, eps, out):
+    """The candidate loop of kl_divergence_curve, compiled (it was 0.07 s of numpy
+    calls per tensor): the same P, Q, smoothing and KL, one pass over the kept bins."""
+    ps = np.empty(c.size)
+    qs = np.empty(c.size)
+    for t in range(cands.size):
+        i = cands[t]
+        extra = total - C[i]  # outliers, added to the last kept bin of P
+        n_zero_q = i - N[i]
+        n_zero_p = n_zero_q
+        last_forced = False
+        if c[i - 1] + extra > 0 and not nzmask[i - 1]:
+            n_zero_p -= 1
+            last_forced = True
+        if i - n_zero_p == 0 or i - n_zero_q == 0:
+            continue
+        eps_p = eps * n_zero_p / (i - n_zero_p)
+        eps_q = eps * n_zero_q / (i - n_zero_q)
+        valid = True
+        sp = 0.0
+        sq = 0.0
+        for k in range(L):
+            s0 = (k * i + L - 1) // L
+            s1 = ((k + 1) * i + L - 1) // L
+            nnz = N[s1] - N[s0]
+            avg = (C[s1] - C[s0]) / (nnz if nnz > 0 else 1)
+            for j in range(s0, s1):
+                pj = c[j] + (extra if j == i - 1 else 0.0)
+                if nzmask[j] or (j == i - 1 and last_forced):
+                    v = pj - eps_p
+                    if n_zero_p > 0 and eps_p > 0 and v <= 0:
+                        valid = False
+                    ps[j] = v
+                else:
+                    ps[j] = eps
+                if nzmask[j]:
+                    v = avg - eps_q
+                    if n_zero_q > 0 and eps_q > 0 and v <= 0:
+                        valid = False
+                    qs[j] = v
+                else:
+                    qs[j] = eps
+                sp += ps[j]
+                sq += qs[j]
+        if not valid:
+            continue
+        acc = 0.0
+        for j in range(i):
+            acc += ps[j] * np.log(ps[j] / qs[j])
+        out[t] = acc / sp + np.log(sq / sp)
 
 
 def kl_threshold(
