@@ -259,12 +259,12 @@ def compile_model(
                 "external_data": saved.data_path.name if saved.data_path else None,
                 "ep_config": paths.ep.name,
             }
-            writer.write_bytes(paths.report, dumps(report))
-            writer.write_bytes(paths.ep, dumps(ep))
             if table:
+                report["outputs"]["calibration_table"] = f"{table[0].parent.name}/{table[0].name}"
                 table[0].parent.mkdir(exist_ok=True)
                 writer.write_bytes(table[0], table[1].encode())
-                report["outputs"]["calibration_table"] = f"{table[0].parent.name}/{table[0].name}"
+            writer.write_bytes(paths.report, dumps(report))
+            writer.write_bytes(paths.ep, dumps(ep))
     except OSError as exc:
         raise UserError(f"cannot write outputs to {paths.model.parent}: {exc.strerror or exc}") from None
     return CompileResult(paths, report, saved.data_path, time.perf_counter() - start, dict(ctx.timings))

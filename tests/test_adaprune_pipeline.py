@@ -168,6 +168,7 @@ def test_calibration_table_uses_absolute_maxima(tmp_path):
     ep = json.loads(result.paths.ep.read_text())
     trt = dict(ep["providers"])["TensorrtExecutionProvider"]
     assert trt["trt_int8_calibration_table_name"] == "t.calibration.cache" and trt["trt_int8_enable"] is True
+    assert json.loads(result.paths.report.read_text())["outputs"]["calibration_table"] == "trt_cache/t.calibration.cache"
 
 
 def test_prune_refit_quantize_compose(tmp_path):
