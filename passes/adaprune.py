@@ -177,13 +177,6 @@ def summed_gram(stats: list[LayerStats]) -> np.ndarray:
     return gram
 
 
-@dataclass
-class FitResult:
-    error_masked: float
-    error_refit: float
-    seconds: float
-
-
 class AdaPrune(Pass):
     """Re-fit every pruned layer's surviving weights to its dense output, then correct the bias."""
 
