@@ -339,6 +339,16 @@ def dense_snapshot(loaded):
     return model, loaded.overrides()
 
 
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps large freed blocks of a chunk's Grams otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def mask_uncalibratable(ctx: CompileContext) -> list[Target]:
     """Masks by magnitude the targets that cannot be fitted from statistics; returns the rest."""
     from .nm_mask import NMMask
@@ -397,6 +407,7 @@ class Calibrate(Pass):
                 ctx.artifacts["stats"].pop(t.name, None)
                 ctx.artifacts["dense_weights"].pop(t.name, None)
                 ctx.artifacts.get("scores", {}).pop(t.name, None)
+            release_free_memory()
         ctx.notes.append(f"calibration in {len(chunks)} chunk(s) of layers within a {self.budget_bytes / 2**20:g} MiB statistics budget")
         return PassResult(True)
 
