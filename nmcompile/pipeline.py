@@ -38,6 +38,7 @@ class CompileOptions:
     sequential_calib: bool = False
     damp: float = 0.01
     stats_budget_mb: float = 512
+    quant_sensitivity: bool | None = None  # None: measured only when max_error needs it
     calib_table: bool = False
     permute: bool = False
     quantize: str | None = None
@@ -76,6 +77,8 @@ class CompileOptions:
             raise UserError("--max-error must be a positive number")
         if self.max_error is not None and self.quantize is None:
             raise UserError("--max-error needs --quantize")
+        if self.quant_sensitivity and self.quantize is None:
+            raise UserError("--sensitivity needs --quantize")
         if self.calib_table and self.quantize == "int8":
             raise UserError("--calib-table is for implicit int8 builds of a float model; --quantize int8 writes explicit QDQ instead")
 
@@ -197,6 +200,7 @@ def compile_model(
     calib_method: str = "auto",
     max_error: float | None = None,
     stats_budget_mb: float = 512,
+    sensitivity: bool = False,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -219,6 +223,7 @@ def compile_model(
         calib_method=calib_method,
         max_error=max_error,
         stats_budget_mb=stats_budget_mb,
+        quant_sensitivity=True if sensitivity else None,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)

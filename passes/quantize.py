@@ -10,9 +10,10 @@ Options read from ``ctx.options`` (``getattr`` with these defaults):
                         the most sensitive layers are kept in float until the
                         quantized model's error on the calibration data is within it.
 ``quant_percentile``    percentile for calib_method="percentile" (default 99.99).
-``quant_sensitivity``   None (default: on for int8, on for log/lut only with
-                        max_error), True or False: measure every layer's effect on
-                        the output (needs calibration data).
+``quant_sensitivity``   None (default: on only with max_error, where the fallback
+                        needs it; it costs L+1 runs over the samples), True or
+                        False: measure every layer's effect on the output (needs
+                        calibration data).
 ``sensitivity_samples`` at most this many calibration samples (first axis) are used
                         for sensitivity and output-error measurements (default 512).
 ``quantize_outputs``    True (default): also quantize Conv / Gemm outputs, which ORT
@@ -1564,7 +1565,7 @@ class Quantize(Pass):
         layers = impl.layers
         sens_on = qopts.sensitivity
         if sens_on is None:
-            sens_on = qopts.mode == "int8" or qopts.max_error is not None
+            sens_on = qopts.max_error is not None
         evaluator = None
         if make_batches is not None:
             batches = _take_samples(make_batches, qopts.sensitivity_samples)

@@ -94,7 +94,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cnn_int8(work):
     out = work / "cnn_int8.onnx"
-    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()))
+    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()), quant_sensitivity=True)
     return ctx, out
 
 
