@@ -162,6 +162,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nmcompile.errors import UserError
 from nmcompile.graph import GraphIndex, attr, names_read, opset_version
+from nmcompile.graphio import iter_graphs
 
 from . import quant_math as qm
 from .base import CompileContext, Pass, PassResult
@@ -309,17 +310,7 @@ def _can_raise_opset(model: onnx.ModelProto, new: int) -> bool:
     if old <= 0:
         return False
 
-    def nodes_of(graph):
-        for n in graph.node:
-            yield n
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    yield from nodes_of(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        yield from nodes_of(g)
-
-    all_nodes = list(nodes_of(model.graph))
+    all_nodes = [n for g in iter_graphs(model.graph) for n in g.node]
     for f in model.functions:
         all_nodes.extend(f.node)
     for op in sorted({n.op_type for n in all_nodes if n.domain in ("", "ai.onnx")}):
