@@ -159,10 +159,11 @@ def joint_mask_score(w: np.ndarray, gram: np.ndarray, use: Use, n: int, m: int, 
     """
     from .adaprune_solver import channel_last_order, sparsegpt_mask_and_update
 
-    if use.op == "Conv":
-        order = channel_last_order(use.eff_shape[1], use.eff_shape[2:])
-    else:
-        order = np.arange(w.shape[1])
+    spatial = int(np.prod(use.eff_shape[2:], dtype=np.int64)) if use.op == "Conv" else 1
+    if spatial == 1:  # groups are already consecutive: no permuted K×K copy
+        mask, _ = sparsegpt_mask_and_update(w.astype(np.float64), gram, n, m, damp, select="group")
+        return mask.astype(np.float32)
+    order = channel_last_order(use.eff_shape[1], use.eff_shape[2:])
     mask, _ = sparsegpt_mask_and_update(w[:, order].astype(np.float64), gram[np.ix_(order, order)], n, m, damp, select="group")
     keep = np.empty_like(mask)
     keep[:, order] = mask
