@@ -72,3 +72,26 @@ def names_read(nodes) -> set[str]:
                 for g in a.graphs:
                     names |= names_read(g.node)
     return names
+
+
+def upstream(nodes, wanted) -> tuple[list[int], set[str]]:
+    """Indices (in graph order) of the nodes needed to compute `wanted`, and every name they read."""
+    producer: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    keep: set[int] = set()
+    used: set[str] = set()
+    stack = list(wanted)
+    while stack:
+        name = stack.pop()
+        if name in used:
+            continue
+        used.add(name)
+        i = producer.get(name)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        stack.extend(names_read([nodes[i]]))
+    return sorted(keep), used

@@ -161,7 +161,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from nmcompile.errors import UserError
-from nmcompile.graph import GraphIndex, attr, names_read, opset_version
+from nmcompile.graph import GraphIndex, attr, names_read, opset_version, upstream
 from nmcompile.graphio import iter_graphs
 
 from . import quant_math as qm
@@ -481,26 +481,7 @@ class _Sessions:
 
 
 def _needed_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
-    producer = {}
-    for i, n in enumerate(nodes):
-        for o in n.output:
-            if o:
-                producer[o] = i
-    keep: set[int] = set()
-    stack = list(outputs)
-    seen: set[str] = set()
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        i = producer.get(t)
-        if i is None or i in keep:
-            continue
-        keep.add(i)
-        stack.extend(x for x in nodes[i].input if x)
-        stack.extend(names_read([nodes[i]]) - set(nodes[i].input))
-    return [nodes[i] for i in sorted(keep)]
+    return [nodes[i] for i in upstream(nodes, outputs)[0]]
 
 
 def _feed(sess, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

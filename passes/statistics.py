@@ -41,19 +41,21 @@ the average sample vector.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
+from nmcompile.passes.adaprune_solver import blas_single_thread, cpu_workers
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
-from nmcompile.passes.adaprune_solver import blas_single_thread, cpu_workers
+from nmcompile.graph import names_read, upstream
+from nmcompile.graphio import read_tensor
 
 __all__ = [
     "LayerSpec",
@@ -473,31 +475,6 @@ def fixed_batch_size(model: onnx.ModelProto) -> int | None:
     return fixed.pop() if fixed else None
 
 
-def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
-    """Every name read inside the node's subgraphs (over-approximates outer refs)."""
-    refs: set[str] = set()
-    for a in node.attribute:
-        graphs = []
-        if a.type == onnx.AttributeProto.GRAPH:
-            graphs = [a.g]
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            graphs = list(a.graphs)
-        for g in graphs:
-            for n in g.node:
-                refs.update(i for i in n.input if i)
-                refs |= _subgraph_refs(n)
-    return refs
-
-
-def _safe_external_path(base_dir: str, location: str) -> str:
-    if (os.path.isabs(location) or ".." in location.replace("\\", "/").split("/")):
-        raise ValueError(f"external data location {location!r} leaves the model folder")
-    path = os.path.join(base_dir, location)
-    if os.path.islink(path):
-        raise ValueError(f"external data location {location!r} is a link")
-    return path
-
-
 def _tensor_array(t: TensorProto, base_dir: str | None) -> np.ndarray | None:
     """A numpy array of the initializer, sharing memory where possible: a view of
     ``raw_data`` (one bytes copy, made by protobuf) or a read-only memmap of an
@@ -514,13 +491,7 @@ def _tensor_array(t: TensorProto, base_dir: str | None) -> np.ndarray | None:
         if base_dir is None:
             raise ValueError(f"initializer {t.name} has external data that is not loaded; "
                              "load it or pass base_dir")
-        info = {e.key: e.value for e in t.external_data}
-        path = _safe_external_path(base_dir, info["location"])
-        offset = int(info.get("offset", 0))
-        n = math.prod(dims)
-        mm = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r", offset=offset,
-                       shape=(n,))
-        return mm.reshape(dims)
+        return read_tensor(t, Path(base_dir))  # memory-mapped, location checked
     if t.HasField("raw_data"):
         return np.frombuffer(t.raw_data, dtype=dtype.newbyteorder("<")).reshape(dims)
     return numpy_helper.to_array(t)
@@ -543,29 +514,11 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     import onnxruntime as ort
 
     g = model.graph
-    producer: dict[str, int] = {}
-    for i, node in enumerate(g.node):
-        for o in node.output:
-            if o:
-                producer[o] = i
-    keep: set[int] = set()
-    used: set[str] = set()
+    kept, used = upstream(g.node, wanted)
     readers: dict[str, set[str]] = {}
-    stack = list(wanted)
-    while stack:
-        t = stack.pop()
-        if t in used:
-            continue
-        used.add(t)
-        i = producer.get(t)
-        if i is None or i in keep:
-            continue
-        keep.add(i)
-        node = g.node[i]
-        refs = [n for n in node.input if n] + sorted(_subgraph_refs(node))
-        for r in refs:
-            readers.setdefault(r, set()).add(node.domain or "")
-        stack.extend(refs)
+    for i in kept:
+        for r in names_read([g.node[i]]):
+            readers.setdefault(r, set()).add(g.node[i].domain or "")
 
     m = onnx.ModelProto()
     m.ir_version = model.ir_version
@@ -573,7 +526,7 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     m.functions.extend(model.functions)
     mg = m.graph
     mg.name = g.name or "stats"
-    mg.node.extend(g.node[i] for i in sorted(keep))
+    mg.node.extend(g.node[i] for i in kept)
     mg.input.extend(g.input)
     declared = {vi.name for vi in g.input}
     typed = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
