@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -182,9 +182,6 @@ class LoadedModel:
         """Initializers whose current value differs from the file (for running the model as it stands)."""
         return dict(self._overrides)
 
-    def weight_bytes(self) -> int:
-        return sum(tensor_nbytes(t) for t in iter_tensors(self.model))
-
 
 def read_tensor(tensor: TensorProto, base_dir: Path) -> np.ndarray:
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
@@ -290,7 +287,6 @@ class SaveResult:
     data_path: Path | None
     model_bytes: int
     data_bytes: int = 0
-    extra: list[Path] = field(default_factory=list)
 
 
 class AtomicWriter:
@@ -489,8 +485,3 @@ def _set_inline(tensor: TensorProto, raw: bytes) -> None:
     del tensor.external_data[:]
     tensor.ClearField("data_location")
     tensor.raw_data = raw
-
-
-def check_saved(path: Path) -> None:
-    """onnx.checker by path, which also works for models with external data over 2 GB."""
-    onnx.checker.check_model(str(path))

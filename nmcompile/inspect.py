@@ -9,6 +9,7 @@ import numpy as np
 
 from nmcompile.passes.base import CompileContext
 from nmcompile.passes.canonicalize import ConstantsToInitializers, NameNodes
+from nmcompile.passes.nm_mask import group_max_nonzeros
 from nmcompile.passes.targets import WeightView, find_targets
 
 from . import graphio
@@ -30,14 +31,6 @@ def as_tiles_matrix(weight: np.ndarray, out_axis: int, red_axis: int) -> np.ndar
     """The weight as a stack of [outputs, reductions] matrices, one per remaining index (kernel position)."""
     moved = np.moveaxis(weight, (out_axis, red_axis), (-2, -1))
     return moved.reshape((-1,) + moved.shape[-2:])
-
-
-def smallest_n(weight: np.ndarray, m: int, axis: int) -> int | None:
-    axis = axis % weight.ndim
-    if weight.shape[axis] % m or weight.size == 0:
-        return None
-    nz = np.moveaxis(weight != 0, axis, -1).reshape(-1, m)
-    return int(nz.sum(axis=1).max())
 
 
 def transposable_n(weight: np.ndarray, m: int, out_axis: int, red_axis: int) -> int | None:
@@ -70,7 +63,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
             "weight": target.weight,
             "shape": list(use.eff_shape),
             "sparsity": float(np.count_nonzero(weight == 0) / weight.size) if weight.size else 0.0,
-            "smallest_n": {str(m): smallest_n(weight, m, use.red_axis) for m in INSPECT_M},
+            "smallest_n": {str(m): group_max_nonzeros(weight, m, use.red_axis) for m in INSPECT_M},
             "transposable": {},
         }
         for m in TRANSPOSABLE_M:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from nmcompile.graph import GraphIndex, attr, opset_version
+from nmcompile.graph import GraphIndex, attr
 
 from .base import CompileContext, Pass, PassResult
 
@@ -431,7 +431,3 @@ class FindTargets(Pass):
                         t.skip = f"shared weight whose uses group it along different axes ({names})"
         ctx.artifacts["targets"] = targets
         return PassResult(False)
-
-
-def model_opset(loaded) -> int:
-    return opset_version(loaded.model)

@@ -241,16 +241,14 @@ def test_verify_and_bench_on_shipped_model(run_cli, tmp_path):
     assert code == 0, err
     compiled = tmp_path / "digits_cnn.nm.onnx"
     code, out, err = run_cli("verify", src, compiled, "--calib", MODELS / "digits_test.npz", "--json")
-    # the test file carries labels too: verify must refuse arrays that are not model inputs
-    if code == 2:
-        assert "labels" in err
-        np.savez(tmp_path / "inputs.npz", input=np.load(MODELS / "digits_test.npz")["input"])
-        code, out, err = run_cli("verify", src, compiled, "--calib", tmp_path / "inputs.npz", "--json")
+    # the test file carries labels too: verify refuses arrays that are not model inputs
+    assert code == 2 and "labels" in err
+    np.savez(tmp_path / "inputs.npz", input=np.load(MODELS / "digits_test.npz")["input"])
+    code, out, err = run_cli("verify", src, compiled, "--calib", tmp_path / "inputs.npz", "--json")
     assert code == 0, err
     import json
 
-    result = json.loads(out)
-    logits = result["outputs"]["logits"] if "outputs" in result else result["logits"]
+    logits = json.loads(out)["outputs"]["logits"]
     assert logits["cosine"] > 0.95 and logits["top1"] > 0.95
     code, out, err = run_cli("bench", compiled, "--baseline", src, "--iterations", "5", "--warmup", "1", "--batch-sizes", "1,4")
     assert code == 0, err

@@ -101,11 +101,11 @@ def test_conv_bn_is_folded_before_pruning(tmp_path):
     result, _, out = compile_and_check(tmp_path, model, expect_pruned=["conv", "head"])
     folded = effective_weights(dense.paths.model)["conv"][0]
     pruned = effective_weights(out)["conv"][0]
-    expected_keep = np.zeros_like(folded, dtype=bool)
     groups = np.moveaxis(np.abs(folded), 1, -1).reshape(-1, 4)
     order = np.argsort(-groups, axis=1, kind="stable")[:, :2]
-    np.put_along_axis(expected_keep.reshape(-1, 4) if False else (k := np.zeros(groups.shape, bool)), order, True, axis=1)
-    expected = np.moveaxis(k.reshape(np.moveaxis(folded, 1, -1).shape), -1, 1)
+    keep = np.zeros(groups.shape, bool)
+    np.put_along_axis(keep, order, True, axis=1)
+    expected = np.moveaxis(keep.reshape(np.moveaxis(folded, 1, -1).shape), -1, 1)
     assert np.array_equal(pruned != 0, expected & (folded != 0))
 
 
