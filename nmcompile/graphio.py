@@ -227,8 +227,13 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     if size == 0:
         raise UserError(f"{path}: empty file, not an ONNX model")
+    backed: list[tuple[int, int, int]] = []
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        parsed = None if path.is_symlink() else _parse_without_weights(path)
+        if parsed is None:
+            model = onnx.load(str(path), load_external_data=False)
+        else:
+            model, backed = parsed
     except Exception as exc:  # protobuf DecodeError and friends
         raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__})") from None
     if not model.graph.node or not model.opset_import or model.ir_version <= 0:
@@ -245,7 +250,111 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     except Exception as exc:  # ValidationError, or the checker choking on malformed input
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "checker failed"
         raise UserError(f"{path}: invalid ONNX model: {first}") from None
-    return LoadedModel(model, path)
+    loaded = LoadedModel(model, path)
+    for index, offset, length in backed:
+        _set_external(model.graph.initializer[index], path.name, offset, length)
+    return loaded
+
+
+# -- weights left in the model file ------------------------------------------------------
+#
+# Parsing a model puts every weight byte in protobuf's memory, and a changed weight
+# then lives twice (the parsed bytes cannot be released one tensor at a time). The
+# loader instead parses the model with the raw bytes of its large main-graph
+# initializers cut out, and points those tensors at their place in the model file
+# itself, as external data: they are memory-mapped on use like any external data,
+# and a replaced weight's pages simply stop being touched. The in-memory model then
+# holds the graph alone; has_external_data still describes the file as written, so
+# outputs keep the input's layout.
+
+_WIRE_MODEL_GRAPH = 7
+_WIRE_GRAPH_INITIALIZER = 5
+_WIRE_TENSOR_RAW_DATA = 9
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, field start, payload start, payload end, field end) of each field;
+    the payload is only meaningful for length-delimited fields."""
+    pos = start
+    while pos < end:
+        begin = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            yield number, begin, pos, pos, pos
+            continue
+        if wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _read_varint(buf, pos)
+            yield number, begin, pos, pos + length, pos + length
+            pos += length
+            continue
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield number, begin, pos, pos, pos
+    if pos != end:
+        raise ValueError("field runs past its message")
+
+
+def _parse_without_weights(path: Path) -> tuple[onnx.ModelProto, list[tuple[int, int, int]]] | None:
+    """The model parsed without the raw bytes of its large main-graph initializers,
+    and (initializer index, file offset, length) of each cut-out. None when the file
+    does not have the plain layout this expects (then it is parsed as usual)."""
+    import mmap
+
+    with open(path, "rb") as fh:
+        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        view = memoryview(buf)
+        try:
+            top = list(_fields(view, 0, len(view)))
+            graphs = [f for f in top if f[0] == _WIRE_MODEL_GRAPH]
+            if len(graphs) != 1:
+                return None
+            _, g_begin, g_start, g_end, g_stop = graphs[0]
+            graph_parts, backed, n_init = [], [], 0
+            for number, begin, start, end, stop in _fields(view, g_start, g_end):
+                if number != _WIRE_GRAPH_INITIALIZER:
+                    graph_parts.append(bytes(view[begin:stop]))
+                    continue
+                raw = [f for f in _fields(view, start, end) if f[0] == _WIRE_TENSOR_RAW_DATA]
+                if len(raw) == 1 and raw[0][3] - raw[0][2] >= EXTERNAL_MIN_BYTES:
+                    _, r_begin, r_start, r_end, r_stop = raw[0]
+                    body = bytes(view[start:r_begin]) + bytes(view[r_stop:end])
+                    graph_parts.append(_varint(_WIRE_GRAPH_INITIALIZER << 3 | 2) + _varint(len(body)) + body)
+                    backed.append((n_init, r_start, r_end - r_start))
+                else:
+                    graph_parts.append(bytes(view[begin:stop]))
+                n_init += 1
+            head = b"".join(bytes(view[f[1]:f[4]]) for f in top if f[0] != _WIRE_MODEL_GRAPH)
+        except (ValueError, IndexError):
+            return None
+        if not backed:
+            return None
+        graph_body = b"".join(graph_parts)
+        data = head + _varint(_WIRE_MODEL_GRAPH << 3 | 2) + _varint(len(graph_body)) + graph_body
+        del graph_parts, graph_body
+    finally:
+        view.release()
+        buf.close()
+    return onnx.ModelProto.FromString(data), backed
 
 
 def check_structure(model: onnx.ModelProto) -> None:
@@ -351,6 +460,7 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
     data_path = out_path.with_name(out_path.name + ".data") if external else None
     data_bytes = 0
     streamed: dict[str, memoryview] = {}  # inline mode: raw bytes written straight from the arrays
+    restore: list[tuple[TensorProto, TensorProto]] = []
     with ExitStack() as stack:
         data_fh = stack.enter_context(writer.open(data_path)) if external else None
         for tensor, is_top in _tensors_with_origin(model.graph, True):
@@ -374,6 +484,10 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
                 data_bytes += len(raw)
                 _set_external(tensor, data_path.name, offset, len(raw))
             elif raw is not None and is_top and not external:
+                if override is None:  # read from a file: point there again once written
+                    kept = onnx.TensorProto()
+                    kept.CopyFrom(tensor)
+                    restore.append((tensor, kept))
                 _clear_data(tensor)
                 streamed[tensor.name] = raw
             elif raw is not None:
@@ -382,6 +496,9 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
         if streamed:
             with writer.open(out_path) as fh:
                 model_bytes = write_streamed(model, streamed, fh)
+            del streamed
+            for tensor, kept in restore:  # loaded.array() keeps answering for them
+                tensor.CopyFrom(kept)
         else:
             serialized = model.SerializeToString()
             writer.write_bytes(out_path, serialized)
