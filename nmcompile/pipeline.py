@@ -37,7 +37,7 @@ class CompileOptions:
     mask_score: str | None = None  # None: obs with --calib, magnitude without
     sequential_calib: bool = False
     damp: float = 0.01
-    stats_budget_mb: float = 512
+    stats_budget_mb: float | None = None  # None: as much as the model's weights (64-512 MiB)
     quant_sensitivity: bool | None = None  # None: measured only when max_error needs it
     calib_table: bool = False
     permute: bool = False
@@ -54,7 +54,7 @@ class CompileOptions:
             raise UserError(f"solver {self.solver!r}: expected exact, approx or auto")
         if self.transposable and self.sequential:
             raise UserError("--transposable and --sequential cannot be combined")
-        if not self.stats_budget_mb > 0:
+        if self.stats_budget_mb is not None and not self.stats_budget_mb > 0:
             raise UserError("--stats-budget must be a positive number of MiB")
         if self.calib_batch < 1:
             raise UserError("--calib-batch must be at least 1")
@@ -161,7 +161,7 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     if calibrated and options.sequential_calib:
         passes += [KeepDenseWeights(), SequentialCalibration(options.mask_score, options.adaprune, options.damp)]
     elif calibrated:
-        passes.append(Calibrate(options.mask_score, options.adaprune, options.damp, int(options.stats_budget_mb * 2**20)))
+        passes.append(Calibrate(options.mask_score, options.adaprune, options.damp, None if options.stats_budget_mb is None else int(options.stats_budget_mb * 2**20)))
     elif pruning:
         passes.append(NMMask())
     if options.quantize is not None:
@@ -199,7 +199,7 @@ def compile_model(
     bits: int = 4,
     calib_method: str = "auto",
     max_error: float | None = None,
-    stats_budget_mb: float = 512,
+    stats_budget_mb: float | None = None,
     sensitivity: bool = False,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""

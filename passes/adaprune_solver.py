@@ -94,7 +94,7 @@ __all__ = [
 # Byte budget for the stacked (B, s, s) systems of the direct solver.
 _DIRECT_BATCH_BYTES = 64 << 20
 # Byte budget for the CG solver's per-row work arrays (rows are done in blocks).
-_CG_BLOCK_BYTES = 384 << 20
+_CG_BLOCK_BYTES = 96 << 20
 
 
 # --------------------------------------------------------------------------- helpers
@@ -198,19 +198,34 @@ def damping(H: np.ndarray, damp: float) -> float:
 
 
 def _damped(H: np.ndarray, damp: float) -> np.ndarray:
-    Hd = np.array(H, dtype=np.float64, copy=True)
+    return damp_in_place(np.array(H, dtype=np.float64, copy=True), damp)
+
+
+def damp_in_place(Hd: np.ndarray, damp: float) -> np.ndarray:
+    """Hd + λI, written into Hd (a K×K copy less for the widest layers)."""
     lam = damping(Hd, damp)
-    Hd[np.diag_indices_from(Hd)] += lam
+    diag = np.einsum("ii->i", Hd)  # a writable view of the diagonal
+    diag += lam
     # Dead inputs (zero variance) with damp=0: their weights cannot matter to the
     # output; a unit diagonal keeps the factorisations defined (SparseGPT does this).
-    dead = np.diag(Hd) <= 0
-    if dead.any():
-        Hd[dead, dead] = 1.0
+    diag[diag <= 0] = 1.0
     return Hd
 
 
+def _reverse_in_place(a: np.ndarray) -> None:
+    """a ← J a J (J the reversal permutation) by swapping rows, without a K×K temporary."""
+    K = a.shape[0]
+    for i in range(K // 2):
+        j = K - 1 - i
+        row = a[i, ::-1].copy()
+        a[i] = a[j, ::-1]
+        a[j] = row
+    if K % 2:
+        a[K // 2] = a[K // 2, ::-1].copy()
+
+
 @_single_threaded
-def inverse_cholesky_upper(Hd: np.ndarray) -> np.ndarray:
+def inverse_cholesky_upper(Hd: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """Upper triangular U with ``Hd⁻¹ = Uᵀ U`` (SparseGPT's ``Hinv``).
 
     Computed as J·inv(chol(J Hd J))·J with J the reversal permutation: one Cholesky
@@ -218,8 +233,23 @@ def inverse_cholesky_upper(Hd: np.ndarray) -> np.ndarray:
     inverse and second Cholesky. Row i of U, divided by U[i, i], is the OBS
     compensation direction of column i given that columns < i are frozen, and
     U[i, i]² = [H_F⁻¹]_ii for F = {i, …, K−1}.
+
+    ``overwrite``: Hd (C-contiguous float32/64) becomes the workspace and U is a
+    reversed view of it: one K×K array in all, where the copying path holds three.
     """
-    Hr = np.ascontiguousarray(Hd[::-1, ::-1])
+    if overwrite and Hd.flags.c_contiguous and Hd.dtype in (np.float32, np.float64):
+        _reverse_in_place(Hd)
+        # Hd is symmetric: its transpose is the same matrix in Fortran order, which
+        # LAPACK factors in place.
+        potrf, trtri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "trtri"), (Hd,))
+        L, info = potrf(Hd.T, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError("Gram matrix is not positive definite; use damp > 0")
+        Linv, info = trtri(L, lower=1, overwrite_c=1)
+        if info != 0:  # pragma: no cover
+            raise np.linalg.LinAlgError(f"triangular inverse failed (info={info})")
+        return Linv[::-1, ::-1]
+    Hr = np.array(Hd[::-1, ::-1], order="C", copy=True)  # ascontiguousarray may return Hd itself (1×1)
     try:
         L = scipy.linalg.cholesky(Hr, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError as e:  # pragma: no cover - message only
@@ -348,13 +378,14 @@ def top_eigenpairs(H: np.ndarray, k: int, power_iters: int = 2, oversample: int 
     K = H.shape[0]
     k = min(k, K)
     rng = np.random.default_rng(seed)
-    Y = parallel_matmul(H, rng.standard_normal((K, min(K, k + oversample))))
+    # vectors in H's precision: a float64 operand would make BLAS copy a float32 H
+    Y = parallel_matmul(H, rng.standard_normal((K, min(K, k + oversample))).astype(H.dtype))
     for _ in range(power_iters):
         Y, _ = np.linalg.qr(Y)
         Y = parallel_matmul(H, Y)
     Q, _ = np.linalg.qr(Y)
-    ev, U = np.linalg.eigh(Q.T @ parallel_matmul(H, Q))
-    return ev[-k:], Q @ U[:, -k:]
+    ev, U = np.linalg.eigh((Q.T @ parallel_matmul(H, Q)).astype(np.float64))
+    return ev[-k:], Q.astype(np.float64) @ U[:, -k:]
 
 
 def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None):
@@ -377,10 +408,14 @@ def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None):
     (w−w')Hd(w−w')ᵀ by less than ``tol`` times its value.
     """
     O, K = W.shape
-    H = np.asarray(H, dtype=np.float64)
-    # float32 products unless the caller asks for more than they can deliver
-    H32 = H.astype(np.float32) if tol >= 1e-9 else None
-    d = np.diag(H) + lam
+    H = np.asarray(H)
+    if H.dtype == np.float32:  # the widest layers: one K×K float32, no float64 copy
+        H32 = H
+    else:
+        H = H.astype(np.float64, copy=False)
+        # float32 products unless the caller asks for more than they can deliver
+        H32 = H.astype(np.float32) if tol >= 1e-9 else None
+    d = np.diag(H).astype(np.float64) + lam
     if rank is None:
         rank = 64 if K >= 512 else (32 if K >= 256 else 0)
     rank = min(rank, K // 4)
@@ -417,7 +452,7 @@ def _cg_block(W, mask, x0, shared):
     O, K = W.shape
     Sf = mask.astype(np.float64)
     E = W * (1.0 - Sf)
-    EH = parallel_matmul(E, H)
+    EH = parallel_matmul(E.astype(H.dtype, copy=False), H).astype(np.float64, copy=False)
     Bm = Sf * EH
     c = np.einsum("ij,ij->i", EH, E) + lam * np.einsum("ij,ij->i", E, E)
     del EH
@@ -507,13 +542,17 @@ def _cg_block(W, mask, x0, shared):
 # --------------------------------------------------------------------------- OBS / SparseGPT
 
 
-def _sweep(W, H, damp, blocksize, mask=None, n=None, m=None, select="obs"):
+def _sweep(W, H, damp, blocksize, mask=None, n=None, m=None, select="obs", overwrite_h=False):
     """SparseGPT column sweep. Fixed ``mask`` or, when ``mask`` is None, N:M
     selection per group of ``m`` columns (``select``: "obs" per-weight scores,
-    "group" joint choice). Returns (mask, W_new) in float64."""
+    "group" joint choice). ``overwrite_h``: H is the factorisation's workspace.
+    Returns (mask, W_new) in float64."""
     O, K = W.shape
     Wc = np.array(W, dtype=np.float64, copy=True)
-    U = inverse_cholesky_upper(_damped(H, damp))
+    if overwrite_h:
+        U = inverse_cholesky_upper(damp_in_place(H, damp), overwrite=True)
+    else:
+        U = inverse_cholesky_upper(_damped(H, damp))
     choose = mask is None
     if choose:
         mask = np.ones((O, K), dtype=bool)
@@ -627,6 +666,7 @@ def sparsegpt_mask_and_update(W: np.ndarray, H: np.ndarray, n: int, m: int,
                               damp: float = 0.01, blocksize: int = 128,
                               safeguard: bool = True,
                               select: Literal["obs", "group"] = "obs",
+                              overwrite_h: bool = False,
                               ) -> tuple[np.ndarray, np.ndarray]:
     """SparseGPT N:M: while sweeping, at the first column of each group of ``m``
     consecutive input columns choose the group's mask from the current (already
@@ -638,16 +678,20 @@ def sparsegpt_mask_and_update(W: np.ndarray, H: np.ndarray, n: int, m: int,
     keep sets and take the one whose pruned set has the least joint OBS error
     ``w_p [(H_F⁻¹)_pp]⁻¹ w_pᵀ`` (accounts for correlated neighbours; C(m, n)
     small solves per group). A trailing partial group of r < m columns keeps
-    min(n, r). Returns (mask, W_new)."""
+    min(n, r). ``overwrite_h`` (only without ``safeguard``, which needs H
+    afterwards): H, C-contiguous, is destroyed and serves as the factorisation's
+    workspace, so the widest layers need one K×K array, not four. Returns (mask, W_new)."""
     W = np.asarray(W)
     H = np.asarray(H)
     _check(W, H)
     _check_nm(n, m)
     if select not in ("obs", "group"):
         raise ValueError(f"unknown select {select!r}")
+    if overwrite_h and safeguard:
+        raise ValueError("overwrite_h needs safeguard=False: the safeguard measures errors on H")
     if W.size == 0:
         return np.zeros(W.shape, bool), np.zeros(W.shape, _out_dtype(W))
-    mask, Wn = _sweep(W, H, damp, blocksize, n=n, m=m, select=select)
+    mask, Wn = _sweep(W, H, damp, blocksize, n=n, m=m, select=select, overwrite_h=overwrite_h)
     if safeguard:
         Wn = _keep_better_rows(W.astype(np.float64), mask, Wn, H)
     return mask, Wn.astype(_out_dtype(W), copy=False)
@@ -792,11 +836,13 @@ def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> flo
     D = W − W'. Zero when ‖W X‖ is zero and D H Dᵀ is too; inf if only ‖W X‖ is."""
     W = np.asarray(W, dtype=np.float64)
     Wn = np.asarray(W_new, dtype=np.float64)
-    H = np.asarray(H, dtype=np.float64)
+    H = np.asarray(H)
+    if H.dtype != np.float32:  # a float32 H (the widest layers) is used as it is
+        H = H.astype(np.float64, copy=False)
     _check(W, H, Wn)
     D = W - Wn
-    num = float(np.einsum("ij,ij->", parallel_matmul(D, H), D))
-    den = float(np.einsum("ij,ij->", parallel_matmul(W, H), W))
+    num = float(np.einsum("ij,ij->", parallel_matmul(D.astype(H.dtype, copy=False), H), D))
+    den = float(np.einsum("ij,ij->", parallel_matmul(W.astype(H.dtype, copy=False), H), W))
     if den <= 0:
         return 0.0 if num <= 0 else math.inf
     return max(num, 0.0) / den

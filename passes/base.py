@@ -40,6 +40,8 @@ class CompileContext:
         from tqdm import tqdm
 
         show = bool(getattr(self.options, "progress", False))
+        if show and hasattr(items, "__len__") and len(items) <= 1 and total is None:
+            show = False  # a bar for one item is flicker, not progress
         return tqdm(items, desc=desc, total=total, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 

@@ -191,8 +191,29 @@ class LayerStats:
     def gram(self) -> np.ndarray:
         return unpack_upper(self.packed, self.features)
 
-    def gram_group(self, g: int) -> np.ndarray:
-        return unpack_upper(self.packed[g:g + 1], self.features)[0]
+    def gram_group(self, g: int, order: np.ndarray | None = None, dtype=np.float64,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """One group's (K, K), rows and columns permuted by ``order`` (H[order][:, order]),
+        built straight from the packed triangle: no full-size intermediate. With
+        ``out`` the matrix is added into it."""
+        K = self.features
+        packed = self.packed[g]
+        off = _tri_offsets(K)
+        if out is None:
+            out = np.zeros((K, K), dtype)
+        if order is None:  # row segments of the triangle, mirrored
+            for i in range(K):
+                seg = packed[off[i]:off[i + 1]]
+                out[i, i:] += seg
+                out[i + 1:, i] += seg[1:]
+            return out
+        idx = np.arange(K, dtype=np.int64) if order is None else np.asarray(order, np.int64)
+        step = max(1, (8 << 20) // (16 * max(K, 1)))
+        for r0 in range(0, K, step):
+            rows = idx[r0:r0 + step, None]
+            lo = np.minimum(rows, idx[None, :])
+            out[r0:r0 + step] += packed[off[lo] + np.abs(idx[None, :] - rows)]
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -342,9 +363,14 @@ class _Accumulator:
         for _, job in self.jobs(x):
             self.merge(job())
 
-    def merge(self, part) -> None:
-        prod, sums = part  # prod (G, K, K) float32/64, symmetric
+    def merge(self, part, pool=None) -> None:
+        prod, sums = part  # prod (G, K, K) float32/64, symmetric; or the patches themselves
         G, K = self.shape
+        if isinstance(prod, _Patches):
+            for g in range(G):
+                _add_upper_products(self.packed[g], self.offsets, prod.rows[g], pool)
+            self.sums += sums
+            return
         if self.tri_index is not None:
             self.packed += prod.reshape(G, K * K)[:, self.tri_index]
         else:
@@ -373,12 +399,16 @@ class _Accumulator:
         step = max(256, self.chunk_bytes // max(1, K * self.dtype.itemsize))
         dtype = self.dtype
 
+        blocked = K >= BLOCKED_FROM_K
+
         def job(r0):
             c = np.ascontiguousarray(X[r0:r0 + step], dtype=dtype)
+            if blocked:
+                return _Patches(np.ascontiguousarray(c.T)[None]), c.sum(axis=0, dtype=np.float64)[None]
             prod = np.matmul(c.T, c)  # SYRK: c.T and c share memory
             return prod[None], c.sum(axis=0, dtype=np.float64)[None]
 
-        cost = K * K * dtype.itemsize + step * K * dtype.itemsize
+        cost = (0 if blocked else K * K * dtype.itemsize) + step * K * dtype.itemsize
         return [(cost, lambda r0=r0: job(r0)) for r0 in range(0, X.shape[0], step)]
 
     def _conv_jobs(self, x: np.ndarray) -> list:
@@ -402,16 +432,20 @@ class _Accumulator:
         h_step = out[0] if n_step > 1 else max(1, self.chunk_bytes * out[0] // per_sample)
         dtype = self.dtype
 
+        blocked = K >= BLOCKED_FROM_K
+
         def job(n0, h0):
             v = _window_view(x[n0:n0 + n_step], spec)  # pads this sample chunk only
             P = _patches_T(v[:, :, h0:h0 + h_step], G, dtype)  # (G, K, rows)
+            if blocked:
+                return _Patches(P), P.sum(axis=2, dtype=np.float64)
             if G == 1:
                 prod = np.matmul(P[0], P[0].T)[None]  # SYRK
             else:
                 prod = np.matmul(P, P.transpose(0, 2, 1))
             return prod, P.sum(axis=2, dtype=np.float64)
 
-        cost = G * K * K * dtype.itemsize + min(per_sample * n_step, self.chunk_bytes)
+        cost = (0 if blocked else G * K * K * dtype.itemsize) + min(per_sample * n_step, self.chunk_bytes)
         return [(cost, lambda n0=n0, h0=h0: job(n0, h0))
                 for n0 in range(0, N, n_step) for h0 in range(0, out[0], h_step)]
 
@@ -421,7 +455,40 @@ class _Accumulator:
         return LayerStats(self.packed, self.sums / self.count, self.count)
 
 
-def _run_jobs(jobs: list, pool, workers: int, budget: int = 256 << 20) -> None:
+# From this reduction length on, a job hands back its patches and the merge builds
+# the Gram's upper triangle a block of rows at a time straight into the float64
+# sums (spread over the worker threads): no K×K partial product per job, which
+# for a 3×3×512 conv is 85 MB per job in flight.
+BLOCKED_FROM_K = 1024
+
+
+@dataclass
+class _Patches:
+    rows: np.ndarray  # (G, K, samples): the job's patch rows, transposed
+
+
+def _add_upper_products(packed: np.ndarray, offsets: np.ndarray, P: np.ndarray, pool) -> None:
+    """packed (upper triangle of a K×K, float64) += upper triangle of P Pᵀ, computed in
+    row blocks. The blocks own disjoint parts of ``packed``, so running them on
+    threads leaves the result independent of scheduling."""
+    K = P.shape[0]
+    step = max(32, min(256, (4 << 20) // max(1, K * P.dtype.itemsize)))
+
+    def block(i0: int) -> None:
+        i1 = min(i0 + step, K)
+        prod = np.matmul(P[i0:i1], P[i0:].T)  # (i1 - i0, K - i0)
+        for i in range(i0, i1):
+            packed[offsets[i]:offsets[i + 1]] += prod[i - i0, i - i0:]
+
+    starts = range(0, K, step)
+    if pool is None:
+        for i0 in starts:
+            block(i0)
+    else:
+        list(pool.map(block, starts))
+
+
+def _run_jobs(jobs: list, pool, workers: int, budget: int = 64 << 20) -> None:
     """Run (accumulator, (cost, job)) pairs on ``pool``, merging results in list
     order. At most 2·workers jobs are in flight, and fewer once their estimated
     bytes (partial products + patches) pass ``budget`` — but never fewer than
@@ -436,13 +503,13 @@ def _run_jobs(jobs: list, pool, workers: int, budget: int = 256 << 20) -> None:
         while inflight and (len(inflight) >= 2 * workers or
                             (used + cost > budget and len(inflight) >= workers)):
             a, c, f = inflight.popleft()
-            a.merge(f.result())
+            a.merge(f.result(), pool)
             used -= c
         inflight.append((acc, cost, pool.submit(job)))
         used += cost
     while inflight:
         a, _, f = inflight.popleft()
-        a.merge(f.result())
+        a.merge(f.result(), pool)
 
 
 # --------------------------------------------------------------------------- model surgery
@@ -569,6 +636,9 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # No arena: it keeps the peak of every run's intermediates for the session's
+    # life; freed blocks go straight back (see adaprune.return_large_blocks_to_os)
+    so.enable_cpu_mem_arena = False
     # ORT's idle threads spin by default and would fight our Gram threads for the
     # cores between runs
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -594,7 +664,8 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
                        *, precision: str = "float32", chunk_bytes: int = 32 << 20,
                        base_dir: str | None = None,
                        overrides: Mapping[str, np.ndarray] | None = None,
-                       threads: int | None = None) -> dict[str, LayerStats]:
+                       threads: int | None = None,
+                       activation_bytes: int = 64 << 20) -> dict[str, LayerStats]:
     """Run the calibration ``batches`` (dicts input name → array, e.g. from
     ``nmcompile.calibdata.iter_batches``) through ``model`` once and return each
     spec's LayerStats, keyed by ``spec.name``.
@@ -607,6 +678,10 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     otherwise makes (protobuf hands out ``raw_data`` only as a new bytes object).
     ``threads``: worker threads for the Gram products (default: all cores), each
     running single-threaded BLAS; results do not depend on the count.
+    ``activation_bytes``: when the model's batch axis is free, a batch runs in
+    parts whose requested activations stay within this (sized from a first
+    one-sample run, so deterministic): ORT holds every requested output of a run
+    at once, e.g. 1.1 GB for ResNet-50's early layers at 32 images.
     """
     if precision not in ("float32", "float64"):
         raise ValueError("precision must be 'float32' or 'float64'")
@@ -649,22 +724,37 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
                   leave=False)
     workers = cpu_workers() if threads is None else max(1, int(threads))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    dynamic = sess is not None and all(
+        not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.name in sess_inputs and i.name not in weight_feeds and i.shape)
+    per_run: int | None = None  # samples per run once known
     try:
         for batch in it:
-            tensors: dict[str, np.ndarray] = {}
-            if sess is not None:
-                feed = {k: batch[k] for k in sess_inputs if k in batch}
-                feed.update(weight_feeds)
-                outs = sess.run(wanted, feed)
-                tensors = dict(zip(wanted, outs))
-                del outs
-            jobs = []
-            for acc in accs.values():
-                t = acc.spec.input
-                jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else batch[t])]
-            with blas_single_thread():
-                _run_jobs(jobs, pool, workers)
-            del tensors, jobs
+            n = _batch_len(batch)
+            split = dynamic and n > 1 and all(np.ndim(v) for v in batch.values())
+            start = 0
+            while True:
+                size = min(n - start, per_run or 1) if split else n
+                part = {k: v[start:start + size] for k, v in batch.items()} if split else batch
+                start += size
+                tensors: dict[str, np.ndarray] = {}
+                if sess is not None:
+                    feed = {k: part[k] for k in sess_inputs if k in part}
+                    feed.update(weight_feeds)
+                    outs = sess.run(wanted, feed)
+                    tensors = dict(zip(wanted, outs))
+                    if dynamic and per_run is None:
+                        per_sample = sum(o.nbytes for o in outs) / max(1, _batch_len(part))
+                        per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
+                    del outs
+                jobs = []
+                for acc in accs.values():
+                    t = acc.spec.input
+                    jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t])]
+                with blas_single_thread():
+                    _run_jobs(jobs, pool, workers)
+                del tensors, jobs
+                if start >= n:
+                    break
     finally:
         if pool is not None:
             pool.shutdown()
@@ -672,6 +762,11 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
 
     results = {k: acc.result() for k, acc in accs.items()}
     return {s.name: results[s.key()] for s in specs}
+
+
+def _batch_len(batch: Mapping[str, np.ndarray]) -> int:
+    lengths = {np.shape(v)[0] if np.ndim(v) else 1 for v in batch.values()}
+    return lengths.pop() if len(lengths) == 1 else 1
 
 
 # --------------------------------------------------------------------------- planning

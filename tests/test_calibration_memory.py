@@ -1,0 +1,186 @@
+"""The memory-lean paths of calibration give the same answers as the plain ones.
+
+In-place factorisations, Gram matrices built straight from the packed triangle,
+float32 solver matrices for wide layers, blocked Gram accumulation, sub-batched
+statistics runs, deepest-first calibration chunks without a dense snapshot, and
+weights left in the model file at load.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import pytest
+
+from nmcompile import graphio, modelzoo
+from nmcompile.passes import adaprune as ad
+from nmcompile.passes import adaprune_solver as ap
+from nmcompile.passes import statistics as st
+
+
+def _gram(rng, K, rows=None):
+    X = rng.standard_normal((rows or 2 * K, K))
+    X[:, 1] = X[:, 0] + 0.01 * X[:, 1]  # correlated columns
+    return X.T @ X
+
+
+@pytest.mark.parametrize("K", [1, 2, 7, 64])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_inverse_cholesky_in_place_matches_copying(K, dtype):
+    rng = np.random.default_rng(K)
+    Hd = ap._damped(_gram(rng, K) if K > 1 else np.array([[2.0]]), 0.01)
+    U = ap.inverse_cholesky_upper(Hd)
+    work = Hd.astype(dtype)
+    V = ap.inverse_cholesky_upper(work, overwrite=True)
+    assert np.shares_memory(V, work)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(V, U, rtol=tol, atol=tol * np.abs(U).max())
+    assert np.allclose(np.tril(V, -1), 0)
+
+
+def test_damp_in_place_equals_damped_copy():
+    rng = np.random.default_rng(0)
+    H = _gram(rng, 9)
+    H[3, :] = H[:, 3] = 0.0  # a dead input
+    ref = ap._damped(H, 0.0)
+    work = H.copy()
+    ap.damp_in_place(work, 0.0)
+    np.testing.assert_array_equal(work, ref)
+    assert work[3, 3] == 1.0
+
+
+@pytest.mark.parametrize("select", ["obs", "group"])
+def test_sparsegpt_overwrite_h_same_mask(select):
+    rng = np.random.default_rng(1)
+    K = 32
+    H = _gram(rng, K)
+    W = rng.standard_normal((12, K))
+    ref, _ = ap.sparsegpt_mask_and_update(W, H, 2, 4, select=select, safeguard=False)
+    work = H.copy()
+    got, _ = ap.sparsegpt_mask_and_update(W, work, 2, 4, select=select, safeguard=False, overwrite_h=True)
+    np.testing.assert_array_equal(got, ref)
+    assert not np.array_equal(work, H)  # it really was the workspace
+    with pytest.raises(ValueError):
+        ap.sparsegpt_mask_and_update(W, H.copy(), 2, 4, overwrite_h=True)
+
+
+def test_gram_group_permuted_and_summed():
+    rng = np.random.default_rng(2)
+    A = rng.standard_normal((3, 40, 11))
+    H = np.einsum("gnk,gnj->gkj", A, A)
+    stats = st.LayerStats.from_gram(H, A.mean(axis=1), 40)
+    order = rng.permutation(11)
+    np.testing.assert_array_equal(stats.gram_group(2), H[2])
+    np.testing.assert_array_equal(stats.gram_group(1, order), H[1][np.ix_(order, order)])
+    assert stats.gram_group(0, order, np.float32).dtype == np.float32
+    gram_of = ad.stats_gram([stats, stats])  # a weight shared by two layers reading the same input
+    np.testing.assert_allclose(gram_of(1, order), 2 * H[1][np.ix_(order, order)], rtol=1e-14)
+    np.testing.assert_array_equal(ad.full_gram(H)(0, order), H[0][np.ix_(order, order)])
+
+
+def test_cg_with_float32_gram_reaches_the_float64_optimum():
+    rng = np.random.default_rng(3)
+    K, O = 640, 24  # supports of 320: the CG path
+    H = _gram(rng, K, rows=3 * K)
+    W = rng.standard_normal((O, K))
+    mask = ap.nm_mask_from_scores(np.abs(W), 2, 4)
+    exact = ap.adaprune_rows(W, mask, H, method="direct")
+    got = ap.adaprune_rows(W, mask, H.astype(np.float32), method="cg")
+    assert np.all(got[~mask] == 0)
+    e_exact = ap.reconstruction_error(W, exact, H)
+    e_got = ap.reconstruction_error(W, got, H)
+    assert e_got <= e_exact * (1 + 1e-4) + 1e-12
+    # the float32 error measure agrees with the float64 one
+    assert ap.reconstruction_error(W, got, H.astype(np.float32)) == pytest.approx(e_got, rel=1e-4)
+
+
+@pytest.mark.parametrize("threads", [None, 2])
+def test_blocked_accumulation_equals_gram(threads):
+    rng = np.random.default_rng(4)
+    K = st.BLOCKED_FROM_K + 37
+    X = rng.standard_normal((1500, K)).astype(np.float32)
+    spec = st.LayerSpec("fc", "x", "dense", feature_axis=-1)
+    acc = st._Accumulator(spec, np.float32, 2 << 20)
+    pool = ThreadPoolExecutor(threads) if threads else None
+    st._run_jobs([(acc, j) for j in acc.jobs(X)], pool, threads or 1)
+    got = acc.result()
+    X64 = X.astype(np.float64)
+    ref = X64.T @ X64
+    np.testing.assert_allclose(got.gram[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(got.mean[0], X64.mean(axis=0), atol=1e-6)
+    # no thread count dependence: the blocks own disjoint parts of the sums
+    acc1 = st._Accumulator(spec, np.float32, 2 << 20)
+    st._run_jobs([(acc1, j) for j in acc1.jobs(X)], None, 1)
+    np.testing.assert_array_equal(acc1.result().packed, got.packed)
+
+
+def test_statistics_in_sub_batches_equal_whole_batches(monkeypatch):
+    model = modelzoo.conv_model()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.name == "conv")
+    weight = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    spec = st.spec_from_node(conv, tuple(weight.dims), name="c")
+    inputs = modelzoo.random_inputs(model, batch=12, seed=5)
+    runs = []
+    import onnxruntime as ort
+
+    real_run = ort.InferenceSession.run
+
+    def counting_run(self, *a, **k):
+        out = real_run(self, *a, **k)
+        runs.append(out[0].shape[0] if out else 0)
+        return out
+
+    whole = st.collect_statistics(model, [spec], [inputs], progress=False)
+    monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
+    parts = st.collect_statistics(model, [spec], [inputs], progress=False, activation_bytes=1)
+    name = spec.name
+    assert len(runs) == 12 and set(runs) == {1}  # one sample per run
+    np.testing.assert_allclose(parts[name].gram, whole[name].gram, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parts[name].mean, whole[name].mean, rtol=1e-6, atol=1e-7)
+    assert parts[name].count == whole[name].count
+
+
+def _small_resnet(tmp_path):
+    path = tmp_path / "resnet.onnx"
+    onnx.save(modelzoo.resnet50(width=0.125, image=32, classes=10), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(6).standard_normal((16, 3, 32, 32)).astype(np.float32))
+    return path, calib
+
+
+def test_chunked_calibration_needs_no_dense_snapshot_and_matches_one_chunk(tmp_path, monkeypatch):
+    from nmcompile.pipeline import compile_model
+
+    path, calib = _small_resnet(tmp_path)
+    compile_model(path, tmp_path / "one.onnx", pattern="2:4", calib=calib, stats_budget_mb=512)
+
+    def no_snapshot(_):
+        raise AssertionError("deepest-first chunks should not need a dense copy of the model")
+
+    monkeypatch.setattr(ad, "dense_snapshot", no_snapshot)
+    many = compile_model(path, tmp_path / "many.onnx", pattern="2:4", calib=calib, stats_budget_mb=1e-6)
+    a, b = onnx.load(tmp_path / "one.onnx"), onnx.load(tmp_path / "many.onnx")
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer):
+        assert ta.name == tb.name
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb), rtol=1e-4, atol=1e-5)
+
+
+def test_load_leaves_large_weights_in_the_file(tmp_path):
+    model = modelzoo.resnet50(width=0.25, image=32, classes=10)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded = graphio.load_model(path)
+    assert not loaded.has_external_data  # the file has none; outputs stay inline
+    assert loaded.model.ByteSize() < path.stat().st_size / 4
+    for t in onnx.load(path).graph.initializer:
+        np.testing.assert_array_equal(loaded.array(t.name), onnx.numpy_helper.to_array(t))
+    out = tmp_path / "copy.onnx"
+    with graphio.AtomicWriter() as writer:
+        graphio.save_model(loaded, out, writer)
+    assert not (tmp_path / "copy.onnx.data").exists()
+    again = onnx.load(out)
+    for t in again.graph.initializer:
+        assert t.data_location != onnx.TensorProto.EXTERNAL
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), loaded.array(t.name))
