@@ -57,7 +57,7 @@ def bench_histogram(batches, repeats):
             h.update(b)
         return h
 
-    # warm-up (numba kernels load from cache / compile)
+    # warm-up (first-touch of the work buffers)
     qm.StreamingHistogram(2048).update(batches[0][:1000])
     t_ours, h = _median_time(ours, repeats)
     R = h.range_max
@@ -140,7 +140,7 @@ def bench_lut(rng, n, repeats):
 
     w = (rng.standard_normal(n) * 0.02).astype(np.float32)
     w[rng.random(n) < 0.5] = 0.0  # 50% zeros, as after N:M pruning
-    qm.lut_quantize(w[:1000], 4)  # warm-up
+    qm.lut_quantize(w[:1000], 4)  # warm-up (numba compiles or loads the k-means kernel)
     t_ours, (codes, book) = _median_time(lambda: qm.lut_quantize(w, 4), repeats)
     s_ours = qm.sqnr_db(w, qm.lut_dequantize(codes, book))
     nz = w[w != 0].astype(np.float64)

@@ -1,6 +1,6 @@
 """int8 post-training quantization: nmcompile next to ONNX Runtime's quantize_static, in one run.
 
-    python benchmarks/bench_quantize.py [--rounds 40] [--bert-layers 4] [--bert-hidden 256]
+    python benchmarks/bench_quantize.py [--rounds 40] [--repeats 3] [--bert-layers 4] [--bert-hidden 256]
 
 Models: the shipped digits CNN and digits encoder (test-set accuracy), and a
 BERT-style encoder from nmcompile.modelzoo (random weights; output cosine
@@ -13,23 +13,35 @@ models' calibration .npz; for BERT 64 sequences), the output models all QDQ:
                 per_channel=True, CalibrationMethod.MinMax, other options default
                 (int8 activations, asymmetric), a CalibrationDataReader over the batches
   ORT Entropy   the same with CalibrationMethod.Entropy (its defaults: 128 bins)
-  nmc auto      nmcompile's quantize pass, int8, calib_method="auto", with its
-                per-layer sensitivity pass (L+1 extra runs over the calibration data)
-  nmc kl        calib_method="kl" (TensorRT entropy, 2048 bins), no sensitivity pass
+  nmc auto      nmcompile's quantize pass, int8, at its defaults: calib_method="auto"
+                (per tensor the lowest-error of kl / minmax / percentiles), no
+                sensitivity pass
+  nmc kl        calib_method="kl" (TensorRT entropy, 2048 bins)
+  nmc auto+sens calib_method="auto" with the per-layer sensitivity pass (L+1 extra
+                runs over the calibration data; what --max-error needs)
 
-Printed per model and quantizer: accuracy (or 1 - cosine for BERT) and 1 - cosine of
-the outputs against fp32 on the test inputs; wall time of the quantizer call
-(calibration included); peak resident memory of the subprocess (VmHWM) at the
-end, and before the quantizer call (after imports and loading the data); how many of the model's MatMul/Gemm/Conv
+Each subprocess imports only what its quantizer needs (onnxruntime.quantization,
+or nmcompile's passes) and loads the calibration data, then records VmHWM
+("base MB") and runs the quantizer. Printed per model and quantizer: accuracy
+(or 1 - cosine for BERT) and 1 - cosine of the outputs against fp32 on the test
+inputs; wall time of the quantizer call (calibration included: "quant s");
+(each quantizer runs --repeats times, in fresh subprocesses: medians);
+peak resident memory of the subprocess (VmHWM) at the end ("peak MB", the
+interpreter and libraries included) and its increase over the base ("+MB", what
+the call itself added); how many of the model's MatMul/Gemm/Conv
 layers ORT CPU runs as integer kernels after its optimizer (QLinearConv, QGemm,
 QLinearMatMul, MatMulIntegerToFloat, MatMulInteger, ConvInteger); CPU latency
 (median of interleaved single runs of every model of the group, so that machine
 noise hits all of them alike, and the ratio to fp32; one intra-op thread by
-default, no spinning).
+default, no spinning). Below each group, every nmcompile row against ORT
+Entropy: time ratio, and peak memory as a fraction of ORT's, total and
+increase.
 
 Then file sizes of weight-only 4-bit log / LUT models against fp32, dense and
 after 2:4 pruning (nmcompile compile_model --pattern 2:4, magnitude masks),
-with their accuracy.
+with their accuracy: "lut4" at the defaults, "lut4 layer" with one codebook
+per layer and no per-channel scales (lut_granularity="layer": smaller, less
+accurate).
 """
 
 from __future__ import annotations
@@ -74,17 +86,17 @@ def batches(npz: str, size: int):
 def worker(spec: dict) -> dict:
     import onnxruntime as ort
 
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
-
-    from nmcompile import graphio
-    from nmcompile.passes.base import CompileContext
-    from nmcompile.passes.canonicalize import canonicalize_passes
-    from nmcompile.passes.quantize import Quantize
-    from nmcompile.passes.targets import FindTargets
-
     ort.set_default_logger_severity(3)
+    if spec["tool"] == "ort":
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+    else:
+        from nmcompile import graphio
+        from nmcompile.passes.base import CompileContext
+        from nmcompile.passes.canonicalize import canonicalize_passes
+        from nmcompile.passes.quantize import Quantize
+        from nmcompile.passes.targets import FindTargets
     feeds = batches(spec["calib"], spec["batch"])
-    base_mb = vm_hwm_mb()  # after imports and loading the calibration data
+    base_mb = vm_hwm_mb()  # after the quantizer's imports and loading the calibration data
     t0 = time.perf_counter()
     if spec["tool"] == "ort":
 
@@ -119,6 +131,20 @@ def run_worker(spec: dict) -> dict:
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_worker_median(spec: dict, repeats: int) -> dict:
+    """Median of ``repeats`` fresh subprocesses (time and memory each), the runs in the result."""
+    runs = []
+    for _ in range(max(1, repeats)):
+        res = run_worker(spec)
+        if "error" in res:
+            return res
+        runs.append(res)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "base_mb", "peak_mb")}
+    med["increase_mb"] = statistics.median(r["peak_mb"] - r["base_mb"] for r in runs)
+    med["runs"] = len(runs)
+    return med
 
 
 def session(path, threads: int = 1):
@@ -181,6 +207,7 @@ def count_targets(path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40, help="interleaved latency rounds per model")
+    ap.add_argument("--repeats", type=int, default=3, help="quantizer runs (fresh subprocesses) per model: medians are printed")
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs (0: ORT default)")
     ap.add_argument("--bert-layers", type=int, default=4)
     ap.add_argument("--bert-hidden", type=int, default=256)
@@ -216,12 +243,14 @@ def main() -> None:
     quantizers = [
         ("ORT MinMax", {"tool": "ort", "method": "minmax"}),
         ("ORT Entropy", {"tool": "ort", "method": "entropy"}),
-        ("nmc auto", {"tool": "nmc", "method": "auto", "sensitivity": True}),
-        ("nmc kl", {"tool": "nmc", "method": "kl", "sensitivity": False}),
+        ("nmc auto", {"tool": "nmc", "method": "auto", "sensitivity": None}),
+        ("nmc kl", {"tool": "nmc", "method": "kl", "sensitivity": None}),
+        ("nmc auto+sens", {"tool": "nmc", "method": "auto", "sensitivity": True}),
     ]
-    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs; latency: median of {args.rounds} interleaved runs, "
-          f"{args.threads or 'default'} intra-op thread(s), batch 64 (digits) / 4x64 tokens (BERT)")
-    header = f"{'model':<26} {'quantizer':<12} {'accuracy':>9} {'1-cos':>9} {'quant s':>8} {'peak MB':>8} {'base MB':>8} {'int ops':>8} {'latency ms':>11} {'vs fp32':>8}"
+    print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs; quantizers: median of {args.repeats} runs; latency: median of "
+          f"{args.rounds} interleaved runs, {args.threads or 'default'} intra-op thread(s), batch 64 (digits) / 4x64 tokens (BERT)")
+    header = (f"{'model':<26} {'quantizer':<13} {'accuracy':>9} {'1-cos':>9} {'quant s':>8} {'peak MB':>8} {'base MB':>8} {'+MB':>6} "
+              f"{'int ops':>8} {'latency ms':>11} {'vs fp32':>8}")
     print(header)
     print("-" * len(header))
     for name, model, calib, test, batch, labelled in groups:
@@ -229,7 +258,7 @@ def main() -> None:
         info: dict[str, dict] = {"fp32": {}}
         for qname, spec in quantizers:
             out = tmp / f"{Path(model).stem}_{qname.replace(' ', '_')}.onnx"
-            res = run_worker(dict(spec, model=str(model), calib=str(calib), out=str(out), batch=batch))
+            res = run_worker_median(dict(spec, model=str(model), calib=str(calib), out=str(out), batch=batch), args.repeats)
             info[qname] = res
             if "error" not in res:
                 paths[qname] = out
@@ -240,7 +269,7 @@ def main() -> None:
         for qname in ["fp32"] + [q for q, _ in quantizers]:
             res = info[qname]
             if "error" in res:
-                print(f"{name:<26} {qname:<12} failed: {res['error']}")
+                print(f"{name:<26} {qname:<13} failed: {res['error']}")
                 continue
             p = paths[qname]
             acc = f"{accuracy(p, test) * 100:8.2f}%" if labelled else f"{'-':>9}"
@@ -249,7 +278,19 @@ def main() -> None:
             secs = f"{res['seconds']:8.2f}" if res else f"{'-':>8}"
             peak = f"{res['peak_mb']:8.0f}" if res else f"{'-':>8}"
             base = f"{res['base_mb']:8.0f}" if res else f"{'-':>8}"
-            print(f"{name:<26} {qname:<12} {acc} {cos:9.2e} {secs} {peak} {base} {kern:>8} {lat[qname] * 1e3:11.3f} {lat[qname] / lat['fp32']:8.2f}")
+            incr = f"{res['increase_mb']:6.0f}" if res else f"{'-':>6}"
+            print(f"{name:<26} {qname:<13} {acc} {cos:9.2e} {secs} {peak} {base} {incr} {kern:>8} {lat[qname] * 1e3:11.3f} "
+                  f"{lat[qname] / lat['fp32']:8.2f}")
+        ref = info.get("ORT Entropy", {})
+        if ref and "error" not in ref:
+            for qname, _ in quantizers:
+                res = info[qname]
+                if not qname.startswith("nmc") or "error" in res:
+                    continue
+                inc, ref_inc = res["increase_mb"], ref["increase_mb"]
+                print(f"{'':<26} {qname:<13} vs ORT Entropy: {ref['seconds'] / res['seconds']:5.1f}x faster, peak memory "
+                      f"{res['peak_mb'] / ref['peak_mb']:.2f}x total, {inc / ref_inc if ref_inc > 0 else float('nan'):.2f}x of the increase "
+                      f"(targets: >= 3x faster, <= 0.20x)")
         print()
 
     # ------------------------------------------------------------------ weight-only file sizes
@@ -261,9 +302,10 @@ def main() -> None:
     from nmcompile.patterns import Pattern
     from nmcompile.pipeline import compile_model
 
-    def codebook(src, out, mode, pattern):
+    def codebook(src, out, mode, pattern, granularity=None):
         loaded = graphio.load_model(src)
-        opts = SimpleNamespace(pattern=pattern, exclude=(), progress=False, quantize=mode, bits=4, calib_method=None, max_error=None)
+        opts = SimpleNamespace(pattern=pattern, exclude=(), progress=False, quantize=mode, bits=4, calib_method=None, max_error=None,
+                               lut_granularity=granularity)
         ctx = CompileContext(model=loaded, options=opts)
         for p in canonicalize_passes() + [FindTargets(), Quantize()]:
             p(ctx)
@@ -284,10 +326,10 @@ def main() -> None:
         for label, src, pat in (("dense", dense, None), ("2:4", sparse, Pattern(2, 4))):
             base = os.path.getsize(src)
             rows = [(f"{label} fp32", src)]
-            for mode in ("lut", "log"):
-                out = tmp / f"{Path(model).stem}_{label.replace(':', 'of')}_{mode}4.onnx"
-                codebook(src, out, mode, pat)
-                rows.append((f"{label} {mode}4", out))
+            for mode, gran, tag in (("lut", None, "lut4"), ("lut", "layer", "lut4 layer"), ("log", None, "log4")):
+                out = tmp / f"{Path(model).stem}_{label.replace(':', 'of')}_{tag.replace(' ', '_')}.onnx"
+                codebook(src, out, mode, pat, gran)
+                rows.append((f"{label} {tag}", out))
             for variant, p in rows:
                 size = os.path.getsize(p)
                 acc = f"{accuracy(p, test) * 100:8.2f}%" if labelled else f"{'-':>9}"

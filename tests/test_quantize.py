@@ -221,6 +221,24 @@ def test_int8_bert_matmuls_fused_softmax_and_layernorm_float(work):
     assert ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"] < 0.01
 
 
+def test_int8_without_sensitivity_measures_only_what_it_uses(cnn_int8, work):
+    # Without a sensitivity pass or an error budget no layer can be kept float, so
+    # the Conv outputs that reach the next quantized input through Relu / MaxPool /
+    # Flatten need no statistics of their own (the digits CNN: all three). The graph
+    # must be the one calibrated with every statistic (cnn_int8 runs the sensitivity
+    # pass, which measures all Conv outputs), and its output error the same.
+    ctx_all, path_all = cnn_int8
+    out = work / "cnn_int8_nosens.onnx"
+    ctx = quantize(MODELS / "digits_cnn.onnx", out, batches_of(digits_calib()), quant_sensitivity=False)
+    assert out.read_bytes() == path_all.read_bytes()
+    a, b = ctx.artifacts["quantization"], ctx_all.artifacts["quantization"]
+    assert a["output_error"]["one_minus_cosine"] == pytest.approx(b["output_error"]["one_minus_cosine"], rel=1e-9)
+    assert a["evaluations"] == 1 and b["evaluations"] > 1
+    for t in ctx.artifacts["targets"]:
+        for o in ctx.layers[t.name]["quant"].get("outputs", []):
+            assert o["threshold_from"] != o["tensor"]  # thresholds of the inputs they reach
+
+
 def test_int8_needs_calibration(work):
     with pytest.raises(UserError, match="needs --calib"):
         quantize(MODELS / "digits_cnn.onnx", work / "nocalib.onnx", None)
@@ -351,7 +369,7 @@ def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
         groups = np.zeros(list(shape[:r]) + [g, m] + list(shape[r + 1 :]), np.uint8)  # code 0 decodes to 0
         np.put_along_axis(groups, pos.astype(np.int64), kept, axis=r + 1)
         codes = groups.reshape(shape)
-    book = inits[names["codebook"]]
+    book = inits[names["codebook"]].astype(np.float32)  # a float16 codebook is cast to float before use
     axis = q["channel_axis"]
     idx = codes.astype(np.int64)
     bshape = [-1 if i == axis else 1 for i in range(len(shape))]
@@ -359,7 +377,7 @@ def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
         idx = idx + (np.arange(shape[axis]) * (1 << q["bits"])).reshape(bshape)
     vals = book[idx]
     if "scale" in names:
-        s = inits[names["scale"]]
+        s = inits[names["scale"]].astype(np.float32)
         vals = vals * (s.reshape(bshape) if s.ndim else s)
     return vals.astype(np.float32)
 
@@ -375,7 +393,8 @@ def ort_values(path, names: list[str], feed: dict) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(
     "mode,storage,granularity",
-    [("lut", "dense", "auto"), ("lut", "compressed", "tensor"), ("lut", "compressed", "channel"), ("log", "compressed", "auto"), ("log", "dense", "auto")],
+    [("lut", "dense", "auto"), ("lut", "compressed", "tensor"), ("lut", "compressed", "channel"), ("lut", "compressed", "layer"),
+     ("lut", "dense", "layer"), ("log", "compressed", "auto"), ("log", "dense", "auto")],
 )
 def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, granularity):
     out = work / f"cnn24_{mode}_{storage}_{granularity}.onnx"
@@ -405,12 +424,32 @@ def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, gr
         assert max(np.unique(row).size for row in per_channel) <= 16
         if mode == "log":
             scale = inits[q["initializers"]["scale"]].reshape(-1)
+            assert scale.dtype == np.float32  # each channel's largest weight stays exact
             ratio = np.abs(per_channel) / scale[:, None]
             nz = ratio[ratio > 0]
             assert np.allclose(np.log2(nz), np.rint(np.log2(nz)))
+        else:  # float16 side information for float32 weights, cast back in the graph
+            assert inits[q["initializers"]["codebook"]].dtype == np.float16
+            assert q["codebook"] == f"kmeans-{granularity}" or granularity == "auto"
+            assert ("scale" in q["initializers"]) == (q["codebook"] == "kmeans-tensor")
+            if "scale" in q["initializers"]:
+                assert inits[q["initializers"]["scale"]].dtype == np.float16
         compressed += q["storage"] == "nm-compressed"
     assert compressed == (4 if storage == "compressed" else 0)  # conv1 (reduction 1) is not 2:4
     assert ctx.artifacts["quantization"]["weight_bytes_after"] < 0.2 * ctx.artifacts["quantization"]["weight_bytes_before"]
+
+
+def test_codebook_levels_of_dense_and_pruned_weights(cnn24, work):
+    # Code 0 is reserved for exact zeros only where the weight has zeros: a dense
+    # weight gets 2^bits levels, an N:M pruned one 2^bits - 1 plus exact 0.
+    for src, pattern, levels in ((MODELS / "digits_cnn.onnx", None, 16), (cnn24, Pattern(2, 4), 15)):
+        out = work / f"levels_{levels}.onnx"
+        ctx = quantize(src, out, None, quantize="lut", bits=4, pattern=pattern, lut_granularity="layer")
+        t = next(t for t in ctx.artifacts["targets"] if t.name == "/fc1/Gemm")
+        got = ort_values(out, [t.weight], {"input": digits_calib()["input"][:1]})[t.weight]
+        nonzero = np.unique(got[got != 0])
+        assert nonzero.size == levels
+        assert (got == 0).any() == (pattern is not None)
 
 
 def test_codebook_files_shrink(cnn24, work):
