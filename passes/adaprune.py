@@ -19,7 +19,12 @@ import onnx
 
 from nmcompile.graph import GraphIndex, attr
 
-from .adaprune_solver import adaprune_rows, bias_correction, reconstruction_error, saliency
+from .adaprune_solver import (
+    adaprune_rows,
+    bias_correction,
+    reconstruction_error,
+    saliency,
+)
 from .base import CompileContext, Pass, PassResult
 from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node
 from .targets import Target, Use, WeightView

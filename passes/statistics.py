@@ -17,13 +17,17 @@ float initializers are not copied into it: they become graph inputs fed on every
 run from numpy arrays (views of the protobuf bytes, memory maps of external
 files, or caller-supplied ``overrides``), which ORT reads in place — it copies
 initializers, even ones passed with ``add_external_initializers``. One CPU
-InferenceSession runs batch by batch (its idle threads told not to spin); each
-batch's activations are cut into chunk jobs (≤ ``chunk_bytes`` of patch rows,
-32 MiB by default) that worker threads turn into partial ``Pᵀ P`` and ``Σ P``
-with single-threaded BLAS, merged into the float64 accumulators in job order, so
-the numbers do not depend on the thread count. Peak: one batch of the requested
-activations, plus the jobs in flight (patches and K×K float32 partial products,
-capped near 256 MiB but at least one job per worker); never all activations. The accumulators hold the upper triangle of each Gram,
+InferenceSession (no arena, idle threads told not to spin) runs batch by batch,
+a batch split into runs whose requested activations stay within
+``activation_bytes``; each run's activations are cut into chunk jobs
+(≤ ``chunk_bytes`` of patch rows, 32 MiB by default) that worker threads turn
+into partial ``Pᵀ P`` and ``Σ P`` with single-threaded BLAS, merged into the
+float64 accumulators in job order, so the numbers do not depend on the thread
+count. For K ≥ ``BLOCKED_FROM_K`` a job returns its patches and the merge adds
+the upper triangle of ``Pᵀ P`` in row blocks straight into the sums, spread
+over the threads (no K×K partial product). Peak: one run's requested
+activations, plus the jobs in flight (capped near 64 MiB but at least one job
+per worker); never all activations. The accumulators hold the upper triangle of each Gram,
 G·K(K+1)/2 float64 per distinct layer input — for a transformer still ~1.6× its
 fp32 weights — and ``plan_passes`` splits the layers over several passes when
 that is too much.

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import pytest
-
-from nmcompile import graphio, modelzoo
 from nmcompile.passes import adaprune as ad
 from nmcompile.passes import adaprune_solver as ap
 from nmcompile.passes import statistics as st
+
+from nmcompile import graphio, modelzoo
 
 
 def _gram(rng, K, rows=None):
@@ -160,7 +160,7 @@ def test_chunked_calibration_needs_no_dense_snapshot_and_matches_one_chunk(tmp_p
         raise AssertionError("deepest-first chunks should not need a dense copy of the model")
 
     monkeypatch.setattr(ad, "dense_snapshot", no_snapshot)
-    many = compile_model(path, tmp_path / "many.onnx", pattern="2:4", calib=calib, stats_budget_mb=1e-6)
+    compile_model(path, tmp_path / "many.onnx", pattern="2:4", calib=calib, stats_budget_mb=1e-6)
     a, b = onnx.load(tmp_path / "one.onnx"), onnx.load(tmp_path / "many.onnx")
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         assert ta.name == tb.name
