@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nmcompile.passes.adaprune import MASK_SCORES, Calibrate, KeepDenseWeights, SequentialCalibration
+from nmcompile.passes.adaprune import (
+    MASK_SCORES,
+    Calibrate,
+    KeepDenseWeights,
+    SequentialCalibration,
+)
 from nmcompile.passes.base import CompileContext, PassManager
 from nmcompile.passes.canonicalize import canonicalize_passes
-from nmcompile.passes.permute import PermuteChannels
 from nmcompile.passes.quantize import Quantize
-from nmcompile.passes.nm_mask import NMMask
 from nmcompile.passes.targets import FindTargets
 
 from . import graphio
@@ -157,12 +160,18 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     calibrated = pruning and options.calib is not None
     passes = canonicalize_passes() + [FindTargets()]
     if pruning and options.permute:
+        from nmcompile.passes.permute import (
+            PermuteChannels,  # numba kernels: imported only when pruning
+        )
+
         passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
     if calibrated and options.sequential_calib:
         passes += [KeepDenseWeights(), SequentialCalibration(options.mask_score, options.adaprune, options.damp)]
     elif calibrated:
         passes.append(Calibrate(options.mask_score, options.adaprune, options.damp, None if options.stats_budget_mb is None else int(options.stats_budget_mb * 2**20)))
     elif pruning:
+        from nmcompile.passes.nm_mask import NMMask
+
         passes.append(NMMask())
     if options.quantize is not None:
         passes.append(Quantize())
@@ -241,7 +250,10 @@ def compile_model(
 
     table = None
     if options.calib_table:
-        from nmcompile.runtime.calib_table import collect_ranges, format_calibration_table
+        from nmcompile.runtime.calib_table import (
+            collect_ranges,
+            format_calibration_table,
+        )
 
         table_name = paths.model.name.removesuffix(".onnx") + ".calibration.cache"
         table_text, _ = format_calibration_table(collect_ranges(loaded, ctx.artifacts["calib_batches"]()))
