@@ -222,9 +222,12 @@ class AdaPrune(Pass):
     name = "adaprune"
     requires = ("targets", "masks", "stats")
 
-    def __init__(self, damp: float = 0.01, only: list[Target] | None = None):
+    def __init__(self, damp: float = 0.01, only: list[Target] | None = None, release_stats: bool = False):
         self.damp = damp
         self.only = only
+        # The caller's promise that nothing reads these targets' Grams afterwards:
+        # each is dropped once its last group's matrix is built, before the solve.
+        self.release_stats = release_stats
 
     def run(self, ctx: CompileContext) -> PassResult:
         targets = self.only if self.only is not None else ctx.artifacts["targets"]
@@ -246,6 +249,9 @@ class AdaPrune(Pass):
             energy = 0.0
             for g, (w, keep) in enumerate(zip(w_blocks, keep_blocks)):
                 h = gram_of(g, None, solver_dtype(w.shape[1]))
+                if self.release_stats and g == len(w_blocks) - 1:
+                    for s in stats:  # the means stay for the bias correction
+                        s.packed = None
                 fitted = adaprune_rows(w.astype(np.float64), keep, h, damp=self.damp)
                 masked = np.where(keep, w, 0.0)
                 base = output_energy(w, h)
@@ -493,7 +499,10 @@ class Calibrate(Pass):
                 KeepDenseWeights(only=[t]).run(ctx)
                 NMMask(only=[t]).run(ctx)
                 if self.refit:
-                    AdaPrune(self.damp, only=[t]).run(ctx)
+                    mine = ctx.artifacts["stats"].get(t.name, [])
+                    # Grams shared with a layer still to come (same input) must stay
+                    shared = any(a is b for other, theirs in ctx.artifacts["stats"].items() if other != t.name for a in mine for b in theirs)
+                    AdaPrune(self.damp, only=[t], release_stats=not shared).run(ctx)
                 ctx.artifacts["stats"].pop(t.name, None)
                 ctx.artifacts["dense_weights"].pop(t.name, None)
                 ctx.artifacts.get("scores", {}).pop(t.name, None)

@@ -94,7 +94,7 @@ __all__ = [
 # Byte budget for the stacked (B, s, s) systems of the direct solver.
 _DIRECT_BATCH_BYTES = 64 << 20
 # Byte budget for the CG solver's per-row work arrays (rows are done in blocks).
-_CG_BLOCK_BYTES = 96 << 20
+_CG_BLOCK_BYTES = 32 << 20
 
 
 # --------------------------------------------------------------------------- helpers
