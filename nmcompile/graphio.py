@@ -319,8 +319,11 @@ def _parse_without_weights(path: Path) -> tuple[onnx.ModelProto, list[tuple[int,
     does not have the plain layout this expects (then it is parsed as usual)."""
     import mmap
 
-    with open(path, "rb") as fh:
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as fh:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # a file that cannot be mapped: parse it as usual
+        return None
     try:
         view = memoryview(buf)
         try:
