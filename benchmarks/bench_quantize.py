@@ -160,17 +160,9 @@ def session(path, threads: int = 1):
 
 
 def integer_kernels(path) -> int:
-    import onnx
-    import onnxruntime as ort
+    from nmcompile.runtime.session import optimized_op_counts
 
-    tmp = str(path) + ".opt.onnx"
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = tmp
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(tmp).graph.node)
-    os.unlink(tmp)
+    ops = optimized_op_counts(path)
     return sum(ops[o] for o in INTEGER_OPS)
 
 

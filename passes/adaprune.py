@@ -490,7 +490,7 @@ class Calibrate(Pass):
             reads_compressed |= any(upstream[t.name] & done for t in chunk)
             done |= {t.name for t in chunk}
         source = dense_snapshot(ctx.model) if reads_compressed else None
-        for chunk in ctx.progress(chunks, desc="calibration chunks") if len(chunks) > 1 else chunks:
+        for chunk in ctx.progress(chunks, desc="calibration chunks"):
             CollectStatistics(only=chunk, source=source).run(ctx)
             # layer by layer, each layer's statistics freed as soon as it is done, the
             # widest last: its K×K solver arrays then meet few other Grams

@@ -183,6 +183,7 @@ from nmcompile.graphio import iter_graphs
 
 from . import quant_math as qm
 from .base import CompileContext, Pass, PassResult
+from .statistics import batch_samples
 from .targets import LAYOUT_OPS, Target, Use, WeightView, chain_problem
 
 __all__ = [
@@ -583,7 +584,7 @@ class _Reference:
     def add(self, batch: Mapping[str, np.ndarray], outputs: list[np.ndarray]) -> None:
         self.batches.append(dict(batch))
         self.outputs.append(list(outputs))
-        self.samples += _batch_len(batch)
+        self.samples += batch_samples(batch)
 
 
 class _Evaluator:
@@ -603,7 +604,7 @@ class _Evaluator:
             ref = sessions.create(base_nodes, outputs)
             self.names = _float_outputs(ref)
             self.reference = [ref.run(self.names, _feed(ref, b)) for b in batches] if self.names else []
-        self.samples = sum(_batch_len(b) for b in self.batches)
+        self.samples = sum(batch_samples(b) for b in self.batches)
         self.runs = 0
 
     @property
@@ -620,13 +621,6 @@ class _Evaluator:
         return meter.result()
 
 
-def _batch_len(batch: Mapping[str, np.ndarray]) -> int:
-    for v in batch.values():
-        a = np.asarray(v)
-        return int(a.shape[0]) if a.ndim else 1
-    return 0
-
-
 def _progress(ctx: CompileContext, items, desc: str):
     """ctx.progress only when a progress bar is asked for (it imports tqdm: ~15 ms)."""
     return ctx.progress(items, desc=desc) if getattr(ctx.options, "progress", False) else items
@@ -636,7 +630,7 @@ def _take_samples(make: Callable[[], Iterable[Mapping[str, np.ndarray]]], limit:
     out, n = [], 0
     for b in make():
         out.append(dict(b))
-        n += _batch_len(b)
+        n += batch_samples(b)
         if n >= limit:
             break
     return out

@@ -54,7 +54,6 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from nmcompile.passes.adaprune_solver import blas_single_thread, cpu_workers
 from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
@@ -726,6 +725,8 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
         from tqdm import tqdm
         it = tqdm(it, desc="calibration", unit="batch", total=total, file=sys.stderr,
                   leave=False)
+    from .adaprune_solver import blas_single_thread, cpu_workers  # scipy: kept off this module's import
+
     workers = cpu_workers() if threads is None else max(1, int(threads))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     dynamic = sess is not None and all(
@@ -733,7 +734,7 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     per_run: int | None = None  # samples per run once known
     try:
         for batch in it:
-            n = _batch_len(batch)
+            n = batch_samples(batch)
             split = dynamic and n > 1 and all(np.ndim(v) for v in batch.values())
             start = 0
             while True:
@@ -747,7 +748,7 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
                     outs = sess.run(wanted, feed)
                     tensors = dict(zip(wanted, outs))
                     if dynamic and per_run is None:
-                        per_sample = sum(o.nbytes for o in outs) / max(1, _batch_len(part))
+                        per_sample = sum(o.nbytes for o in outs) / max(1, batch_samples(part))
                         per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
                     del outs
                 jobs = []
@@ -768,8 +769,11 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     return {s.name: results[s.key()] for s in specs}
 
 
-def _batch_len(batch: Mapping[str, np.ndarray]) -> int:
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the arrays' common first-axis length (1 when they have none, 0 when empty)."""
     lengths = {np.shape(v)[0] if np.ndim(v) else 1 for v in batch.values()}
+    if not lengths:
+        return 0
     return lengths.pop() if len(lengths) == 1 else 1
 
 

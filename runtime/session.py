@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import onnxruntime as ort
@@ -326,3 +327,19 @@ def load(
                 os.path.basename(config_path_for(model_path)),
             )
     return create_session(model_path, cfg, providers, **session_option_overrides)
+
+
+def optimized_op_counts(path) -> Counter[str]:
+    """How many nodes of each op type ONNX Runtime CPU runs after its graph optimizer
+    (extended level): e.g. whether a QDQ model became QLinearConv / QGemm kernels."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="nmcompile-opt-") as folder:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)

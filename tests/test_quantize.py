@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from nmcompile.passes.nm_mask import group_max_nonzeros, prune_nm
 from nmcompile.passes.quantize import Quantize, measure_output_error, pack_planar, unpack_planar
 from nmcompile.passes.targets import FindTargets
 from nmcompile.patterns import Pattern
+from nmcompile.runtime.session import optimized_op_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -70,18 +70,6 @@ def float_copy(model_path, out_path):
     return out_path
 
 
-def optimized_ops(path) -> Counter:
-    tmp = str(path) + ".opt.onnx"
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = tmp
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    ops = Counter(n.op_type for n in onnx.load(tmp).graph.node)
-    os.unlink(tmp)
-    return ops
-
-
 def initializers(path) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
@@ -113,7 +101,7 @@ def cnn24(work):
 
 def test_int8_cnn_is_fused_into_integer_kernels(cnn_int8):
     _, path = cnn_int8
-    ops = optimized_ops(path)
+    ops = optimized_op_counts(path)
     assert ops["QLinearConv"] == 3
     assert ops["QGemm"] == 2
     for float_op in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"):
@@ -206,7 +194,7 @@ def test_int8_bert_matmuls_fused_softmax_and_layernorm_float(work):
     feeds = [modelzoo.random_inputs(model, batch=4, dims={"S": 16}, seed=i) for i in range(4)]
     out = work / "bert_int8.onnx"
     ctx = quantize(src, out, lambda: iter(feeds), quant_sensitivity=False)
-    ops = optimized_ops(out)
+    ops = optimized_op_counts(out)
     assert ops["MatMulIntegerToFloat"] == 12  # q, k, v, attention.output, intermediate, output x 2
     g = onnx.load(str(out)).graph
     producer = {o: n for n in g.node for o in n.output}
@@ -265,7 +253,7 @@ def test_max_error_keeps_the_worst_layers_float(work, cnn_int8):
             assert inits[t.weight].dtype == np.float32  # the float weight stays
         else:
             assert q["bits"] == 8 and t.weight not in inits
-    assert optimized_ops(out)["QLinearConv"] + optimized_ops(out)["QGemm"] == 4
+    assert optimized_op_counts(out)["QLinearConv"] + optimized_op_counts(out)["QGemm"] == 4
     # a budget below every single-layer error keeps more layers float, down to none quantized
     tight = quantize(MODELS / "digits_cnn.onnx", work / "cnn_tight.onnx", batches_of(digits_calib()), max_error=err_all / 10)
     st = tight.artifacts["quantization"]
@@ -294,7 +282,7 @@ def test_calibration_methods(work, method):
     if method == "percentile":
         assert np.mean(np.abs(x) <= t) >= 0.9999 - 1e-3
     # the Gemm is the graph output: its bias moves to an Add so ORT still fuses QGemm
-    assert optimized_ops(work / f"gemm_{method}_q.onnx")["QGemm"] == 1
+    assert optimized_op_counts(work / f"gemm_{method}_q.onnx")["QGemm"] == 1
 
 
 def test_opset_raised_when_safe_else_per_tensor(work):
