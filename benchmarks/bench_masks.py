@@ -1,7 +1,7 @@
 """N:M mask throughput and end-to-end compile time on a ResNet-50-shaped model (25 M weights).
 
-Prints, in one run: weights/s of nmcompile's mask kernel for 2:4 and 4:8 next to a
-plain numpy argsort implementation; compile time next to plain onnx load+save of
+Prints, in one run: weights/s of nmcompile's mask pass (blocked pairwise ranks,
+numpy) for 2:4 and 4:8 next to a plain numpy argsort implementation; compile time next to plain onnx load+save of
 the same model. Medians of several repeats; ratios are what to quote.
 
     python benchmarks/bench_masks.py [--repeats 5]
@@ -59,7 +59,7 @@ def main() -> None:
 
     rows = []
     for n, m in ((2, 4), (4, 8)):
-        nm_mask(weights[1], n, m, axis=1)  # JIT warm-up (cached on disk after the first run)
+        nm_mask(weights[1], n, m, axis=1)  # warm-up
         ours = median_time(lambda: [nm_mask(w, n, m, axis=1) for w in weights], args.repeats)
         ref = median_time(lambda: [numpy_argsort_mask(w, n, m, axis=1) for w in weights], args.repeats)
         same = all(np.array_equal(nm_mask(w, n, m, 1), numpy_argsort_mask(w, n, m, 1)) for w in weights[:5])

@@ -80,3 +80,45 @@ def test_brute_force_small():
 def test_rejects_length_not_multiple():
     with pytest.raises(ValueError):
         nm_mask(np.ones((2, 6)), 2, 4)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (8, 16)])
+def test_prune_in_blocks_equals_one_block(monkeypatch, sequential, n, m):
+    # a conv-like weight whose groups have a stride (inner = 9), cut into many blocks
+    from nmcompile.passes import nm_mask as mod
+
+    rng = np.random.default_rng(m)
+    w = rng.standard_normal((6, 2 * m, 3, 3)).astype(np.float32)
+    w[0] = np.round(w[0])  # ties
+    whole = mod.prune_nm(w, n, m, axis=1, sequential=sequential)
+    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 3 * m)  # not a divisor of the group count
+    blocked = mod.prune_nm(w, n, m, axis=1, sequential=sequential)
+    for a, b in zip(whole[:2], blocked[:2]):
+        assert np.array_equal(a, b)
+    pruned, keep, kept, total = blocked
+    assert np.array_equal(pruned, np.where(keep, w, np.float32(0)))
+    assert not np.signbit(pruned[~keep]).any()  # dropped weights are +0.0, whatever their sign
+    assert np.isclose(kept, np.abs(w[keep], dtype=np.float64).sum(), rtol=1e-12)
+    assert np.isclose(total, np.abs(w, dtype=np.float64).sum(), rtol=1e-12)
+
+
+def test_plain_compiles_do_not_load_numba(tmp_path):
+    # numba holds ~110 MB of resident memory once a kernel is loaded (more than
+    # ResNet-50's weights): only transposable masks and permutations need it
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, onnx\n"
+        "from nmcompile import modelzoo\n"
+        "from nmcompile.pipeline import compile_model\n"
+        f"d = {str(tmp_path)!r}\n"
+        "onnx.save(modelzoo.conv_model(), d + '/m.onnx')\n"
+        "np.savez(d + '/c.npz', x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))\n"
+        "compile_model(d + '/m.onnx', d + '/a.onnx', pattern='2:4')\n"
+        "compile_model(d + '/m.onnx', d + '/b.onnx', pattern='4:8', sequential=True, calib=d + '/c.npz')\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
