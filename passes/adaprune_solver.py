@@ -82,6 +82,7 @@ __all__ = [
     "nm_mask_from_scores",
     "best_group_mask_exact",
     "reconstruction_error",
+    "quadratic_trace",
     "bias_correction",
     "inverse_cholesky_upper",
     "top_eigenpairs",
@@ -589,10 +590,15 @@ def _sweep(W, H, damp, blocksize, mask=None, n=None, m=None, select="obs", overw
             W1[~keep, i] = 0.0
             Err1[:, i] = err
         Wc[:, i1:i2] = W1
-        if i2 < K:
-            Wc[:, i2:] -= parallel_matmul(Err1, U[i1:i2, i2:])
+        for c0 in range(i2, K, _SWEEP_COLUMNS):  # no (O, K) temporary beside Wc
+            c1 = min(c0 + _SWEEP_COLUMNS, K)
+            Wc[:, c0:c1] -= parallel_matmul(Err1, U[i1:i2, c0:c1])
     Wc[~mask] = 0.0
     return mask, Wc
+
+
+# Columns per block of the sweep's trailing update (a few MB of product at a time).
+_SWEEP_COLUMNS = 1024
 
 
 def _group_choice(Wg: np.ndarray, Ug: np.ndarray, n: int) -> np.ndarray:
@@ -831,18 +837,34 @@ def channel_last_order(channels: int, kernel_shape) -> np.ndarray:
 
 
 @_single_threaded
-def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
-    """Relative output error ‖(W − W')X‖² / ‖W X‖² = tr(D H Dᵀ) / tr(W H Wᵀ),
-    D = W − W'. Zero when ‖W X‖ is zero and D H Dᵀ is too; inf if only ‖W X‖ is."""
-    W = np.asarray(W, dtype=np.float64)
-    Wn = np.asarray(W_new, dtype=np.float64)
+def _row_slices(rows: int, K: int, nbytes: int = 16 << 20):
+    """Slices of rows of an (rows, K) operand of about ``nbytes`` in float64: the
+    quadratic forms below then need no full-size float64 copy of their operands."""
+    step = max(64, nbytes // (8 * max(K, 1)))
+    return [slice(r0, r0 + step) for r0 in range(0, rows, step)]
+
+
+def quadratic_trace(A: np.ndarray, H: np.ndarray, B: np.ndarray | None = None) -> float:
+    """tr((A − B) H (A − B)ᵀ) (B = 0 if None), in row blocks, products in H's precision."""
     H = np.asarray(H)
     if H.dtype != np.float32:  # a float32 H (the widest layers) is used as it is
         H = H.astype(np.float64, copy=False)
+    total = 0.0
+    for sl in _row_slices(A.shape[0], A.shape[1]):
+        D = np.asarray(A[sl], dtype=np.float64)
+        if B is not None:
+            D = D - np.asarray(B[sl], dtype=np.float64)
+        total += float(np.einsum("ij,ij->", parallel_matmul(D.astype(H.dtype, copy=False), H), D))
+    return total
+
+
+def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
+    """Relative output error ‖(W − W')X‖² / ‖W X‖² = tr(D H Dᵀ) / tr(W H Wᵀ),
+    D = W − W'. Zero when ‖W X‖ is zero and D H Dᵀ is too; inf if only ‖W X‖ is."""
+    W, Wn, H = np.asarray(W), np.asarray(W_new), np.asarray(H)
     _check(W, H, Wn)
-    D = W - Wn
-    num = float(np.einsum("ij,ij->", parallel_matmul(D.astype(H.dtype, copy=False), H), D))
-    den = float(np.einsum("ij,ij->", parallel_matmul(W.astype(H.dtype, copy=False), H), W))
+    num = quadratic_trace(W, H, Wn)
+    den = quadratic_trace(W, H)
     if den <= 0:
         return 0.0 if num <= 0 else math.inf
     return max(num, 0.0) / den
@@ -851,9 +873,11 @@ def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> flo
 def bias_correction(W: np.ndarray, W_new: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
     """Bias shift (O,) that keeps each output's calibration mean: (W − W') @ mean_x.
     Add it to the layer's bias."""
-    W = np.asarray(W, dtype=np.float64)
-    Wn = np.asarray(W_new, dtype=np.float64)
+    W, Wn = np.asarray(W), np.asarray(W_new)
     mean_x = np.asarray(mean_x, dtype=np.float64)
-    if W.shape != Wn.shape or mean_x.shape != (W.shape[1],):
+    if W.shape != Wn.shape or W.ndim != 2 or mean_x.shape != (W.shape[1],):
         raise ValueError("shapes: W (O, K), W_new (O, K), mean_x (K,)")
-    return (W - Wn) @ mean_x
+    out = np.empty(W.shape[0])
+    for sl in _row_slices(W.shape[0], W.shape[1]):
+        out[sl] = (np.asarray(W[sl], dtype=np.float64) - np.asarray(Wn[sl], dtype=np.float64)) @ mean_x
+    return out

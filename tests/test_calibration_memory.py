@@ -184,3 +184,44 @@ def test_load_leaves_large_weights_in_the_file(tmp_path):
     for t in again.graph.initializer:
         assert t.data_location != onnx.TensorProto.EXTERNAL
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), loaded.array(t.name))
+
+
+def test_row_blocked_quadratic_forms_equal_plain(monkeypatch):
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((300, 40)).astype(np.float32)
+    Wn = np.where(rng.random(W.shape) < 0.5, W, 0).astype(np.float32)
+    H = _gram(rng, 40)
+    mean = rng.standard_normal(40)
+    W64, Wn64 = W.astype(np.float64), Wn.astype(np.float64)
+    D = W64 - Wn64
+    plain_err = np.einsum("ij,jk,ik->", D, H, D) / np.einsum("ij,jk,ik->", W64, H, W64)
+    monkeypatch.setattr(ap, "_row_slices", lambda rows, K, nbytes=0: [slice(r, r + 64) for r in range(0, rows, 64)])
+    assert ap.reconstruction_error(W, Wn, H) == pytest.approx(plain_err, rel=1e-12)
+    assert ap.quadratic_trace(W, H) == pytest.approx(np.einsum("ij,jk,ik->", W64, H, W64), rel=1e-12)
+    np.testing.assert_allclose(ap.bias_correction(W, Wn, mean), D @ mean, rtol=1e-12)
+
+
+def test_sweep_trailing_update_in_column_blocks(monkeypatch):
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((20, 256))
+    H = _gram(rng, 256)
+    mask, Wn = ap.sparsegpt_mask_and_update(W, H.copy(), 2, 4, select="group", safeguard=False)
+    monkeypatch.setattr(ap, "_SWEEP_COLUMNS", 7)  # cuts across the 128-column sweep blocks
+    mask_b, Wn_b = ap.sparsegpt_mask_and_update(W, H.copy(), 2, 4, select="group", safeguard=False)
+    assert np.array_equal(mask, mask_b)
+    np.testing.assert_allclose(Wn_b, Wn, rtol=1e-10, atol=1e-10)
+
+
+def test_wide_layer_statistics_held_in_float32_give_the_same_solver_matrix():
+    K = ad.FLOAT32_FROM_K
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((64, K))
+    stats = st.LayerStats.from_gram((X.T @ X)[None], X.mean(axis=0)[None], 64)
+    order = rng.permutation(K)
+    before = stats.gram_group(0, order, np.float32)
+    ad.narrow_wide_stats(stats)
+    assert stats.packed.dtype == np.float32 and stats.packed.nbytes == K * (K + 1) // 2 * 4
+    assert np.array_equal(stats.gram_group(0, order, np.float32), before)
+    narrow = st.LayerStats.from_gram(np.eye(K - 1)[None], np.zeros((1, K - 1)), 1)
+    ad.narrow_wide_stats(narrow)  # solved in float64: left alone
+    assert narrow.packed.dtype == np.float64
