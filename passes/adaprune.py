@@ -11,7 +11,6 @@ the shift of the output mean.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -169,6 +168,20 @@ def narrow_wide_stats(stats: LayerStats) -> None:
     wait for their layer. Sums are accumulated in float64 before this."""
     if stats.packed is not None and solver_dtype(stats.features) == np.float32 and stats.packed.dtype != np.float32:
         stats.packed = stats.packed.astype(np.float32)
+
+
+def target_weights(h: np.ndarray, target: np.ndarray, damp: float) -> np.ndarray:
+    """(O, K) W̃ with (H + λI) W̃ᵀ = target, by a Cholesky factorisation done in h's
+    place (float32 for wide layers, like the other solves)."""
+    import scipy.linalg
+
+    from .adaprune_solver import damp_in_place
+
+    try:
+        c = scipy.linalg.cho_factor(damp_in_place(h, damp), overwrite_a=True, check_finite=False)
+        return scipy.linalg.cho_solve(c, target.astype(h.dtype), check_finite=False).T.astype(np.float64)
+    except np.linalg.LinAlgError:  # no damping and dead inputs: least squares
+        return np.linalg.lstsq(h.astype(np.float64), target, rcond=None)[0].T
 
 
 def stats_gram(stats: list[LayerStats]) -> GramSource:
@@ -527,71 +540,6 @@ class Calibrate(Pass):
 # -- sequential calibration ----------------------------------------------------------------
 
 
-@dataclass
-class CrossStats:
-    """Statistics of one layer seen from the compressed model (s) and the dense one (d)."""
-
-    gram: np.ndarray  # Σ x_s x_sᵀ (G, K, K)
-    cross: np.ndarray  # Σ x_s x_dᵀ (G, K, K)
-    gram_dense: np.ndarray  # Σ x_d x_dᵀ (G, K, K)
-    mean: np.ndarray  # mean of x_s (G, K)
-    mean_dense: np.ndarray  # mean of x_d (G, K)
-    count: int
-
-
-def _rows(x: np.ndarray, spec: LayerSpec) -> np.ndarray:
-    """(G, samples, K) float64 rows of a layer input: im2col patches for conv."""
-    if spec.kind == "conv":
-        from .statistics import im2col
-
-        return im2col(np.asarray(x, dtype=np.float64), spec)
-    moved = np.moveaxis(np.asarray(x, dtype=np.float64), spec.feature_axis, -1)
-    return moved.reshape(1, -1, moved.shape[-1])
-
-
-def collect_cross_statistics(dense_model, dense_overrides, loaded, specs, batches, progress: bool) -> dict[str, CrossStats]:
-    """One pass over the data through the dense and the current model together, for the given layers."""
-    from .statistics import _build_session, graph_input_names
-
-    wanted = list(dict.fromkeys(s.input for s in specs))
-    inputs = set(graph_input_names(loaded.model))
-    internal = [t for t in wanted if t not in inputs]
-    base = str(loaded.base_dir)
-    # (session, weights fed by reference on every run)
-    dense_sess = _build_session(dense_model, internal, base, dense_overrides) if internal else (None, {})
-    cur_sess = _build_session(loaded.model, internal, base, loaded.overrides()) if internal else (None, {})
-    acc: dict[str, list] = {}
-    iterator = batches
-    if progress:
-        import sys
-
-        from tqdm import tqdm
-
-        iterator = tqdm(batches, desc="calibration (sequential)", leave=False, file=sys.stderr)
-    for batch in iterator:
-        got_d, got_s = dict(batch), dict(batch)
-        for (sess, weights), got in ((dense_sess, got_d), (cur_sess, got_s)):
-            if sess is not None:
-                feed = {i.name: batch[i.name] for i in sess.get_inputs() if i.name in batch}
-                feed.update(weights)
-                got.update(zip(internal, sess.run(internal, feed)))
-        for spec in specs:
-            xs, xd = _rows(got_s[spec.input], spec), _rows(got_d[spec.input], spec)
-            entry = acc.get(spec.name)
-            if entry is None:
-                g, _, k = xs.shape
-                entry = acc[spec.name] = [np.zeros((g, k, k)), np.zeros((g, k, k)), np.zeros((g, k, k)), np.zeros((g, k)), np.zeros((g, k)), 0]
-            entry[0] += np.matmul(xs.transpose(0, 2, 1), xs)
-            entry[1] += np.matmul(xs.transpose(0, 2, 1), xd)
-            entry[2] += np.matmul(xd.transpose(0, 2, 1), xd)
-            entry[3] += xs.sum(axis=1)
-            entry[4] += xd.sum(axis=1)
-            entry[5] += xs.shape[1]
-    return {
-        name: CrossStats(e[0], e[1], e[2], e[3] / max(e[5], 1), e[4] / max(e[5], 1), e[5]) for name, e in acc.items()
-    }
-
-
 def upstream_targets(targets: list[Target], graph: onnx.GraphProto) -> dict[str, set[str]]:
     """For each target, the other targets its layer inputs are computed through."""
     index = GraphIndex(graph)
@@ -655,67 +603,76 @@ class SequentialCalibration(Pass):
         self.damp = damp
 
     def run(self, ctx: CompileContext) -> PassResult:
-        from .adaprune_solver import damping
         from .nm_mask import NMMask
+        from .statistics import collect_cross_statistics
 
+        return_large_blocks_to_os()
         loaded = ctx.model
-        dense_model, dense_overrides = dense_snapshot(loaded)
+        dense = dense_snapshot(loaded)
         fit = mask_uncalibratable(ctx)
         levels = dependency_levels(fit, loaded.model.graph)
         for wave in ctx.progress(levels, desc="layer waves"):
-            specs = [layer_spec(u, f"{t.name}#{i}") for t in wave for i, u in enumerate(t.uses)]
-            stats = collect_cross_statistics(dense_model, dense_overrides, loaded, specs, ctx.artifacts["calib_batches"](), False)
+            specs, weights = [], {}
+            for t in wave:
+                dense_blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], t.primary)
+                for i, u in enumerate(t.uses):
+                    specs.append(layer_spec(u, f"{t.name}#{i}"))
+                    weights[specs[-1].name] = dense_blocks
+            stats = collect_cross_statistics(dense, (loaded.model, loaded.overrides()), specs, weights,
+                                             ctx.artifacts["calib_batches"](), base_dir=str(loaded.base_dir))
             scores = ctx.artifacts.setdefault("scores", {})
             targets_w = {}
             for t in wave:
                 use = t.primary
-                per_use = [stats[f"{t.name}#{i}"] for i in range(len(t.uses))]
-                gram = sum(s.gram for s in per_use)
-                cross = sum(s.cross for s in per_use)
-                blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], use)
-                # W̃ with H W̃ᵀ = C Wᵀ: fitting W̃ on x_s reproduces W on x_d
-                wt = []
-                for g, w in enumerate(blocks):
-                    lam = damping(gram[g], self.damp)
-                    hd = gram[g] + lam * np.eye(gram[g].shape[0])
-                    wt.append(np.linalg.solve(hd, cross[g] @ w.T.astype(np.float64)).T)
+                per_use = [stats.pop(f"{t.name}#{i}") for i in range(len(t.uses))]
+                for c in per_use:
+                    narrow_wide_stats(c.stats)
+                gram_of = stats_gram([c.stats for c in per_use])
+                # W̃ solving Hd W̃ᵀ = Σ x_s (W x_d)ᵀ: fitting W̃ on x_s reproduces W on x_d
+                wt = [target_weights(gram_of(g, None, solver_dtype(c.shape[0])), sum(p.target[g] for p in per_use), self.damp)
+                      for g, c in enumerate(per_use[0].target)]
                 targets_w[t.name] = (wt, per_use)
                 if self.mask_score != "magnitude":
-                    scores[t.name] = from_row_blocks(block_scores(self.mask_score, wt, full_gram(gram), t, ctx.options, self.damp), use)
+                    scores[t.name] = from_row_blocks(block_scores(self.mask_score, wt, gram_of, t, ctx.options, self.damp), use)
             NMMask(only=wave).run(ctx)
-            if not self.refit:
-                continue
             for t in wave:
-                start = time.perf_counter()
-                use = t.primary
-                wt, per_use = targets_w[t.name]
-                gram = sum(s.gram for s in per_use)
-                dense_blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], use)
-                keep_blocks = row_blocks(ctx.artifacts["masks"][t.name], use)
-                new_blocks = [adaprune_rows(w, k, gram[g], damp=self.damp) for g, (w, k) in enumerate(zip(wt, keep_blocks))]
-                WeightView(loaded, t.weight, use).write(from_row_blocks(new_blocks, use).astype(np.float32))
-                for i, u in enumerate(t.uses):
-                    s = per_use[i]
-                    delta = np.concatenate(
-                        [w @ s.mean_dense[g] - nb @ s.mean[g] for g, (w, nb) in enumerate(zip(dense_blocks, new_blocks))]
-                    )
-                    add_to_bias(ctx, u, delta.astype(np.float64))
-                err_m, err_f, energy = 0.0, 0.0, 0.0
-                for g, (w, nb, k) in enumerate(zip(dense_blocks, new_blocks, keep_blocks)):
-                    hs = gram[g]
-                    c = sum(s.cross for s in per_use)[g]
-                    hdn = sum(s.gram_dense for s in per_use)[g]
-                    base = float(np.einsum("ij,jk,ik->", w, hdn, w))
-                    masked = np.where(k, w, 0.0)
-                    for new, bucket in ((masked, "m"), (nb, "f")):
-                        e = base - 2 * float(np.einsum("ij,kj,ik->", new, c, w)) + float(np.einsum("ij,jk,ik->", new, hs, new))
-                        if bucket == "m":
-                            err_m += e
-                        else:
-                            err_f += e
-                    energy += base
-                row = ctx.layer(t.name)
-                row["reconstruction_error_masked"] = err_m / energy if energy > 0 else 0.0
-                row["reconstruction_error_adaprune"] = err_f / energy if energy > 0 else 0.0
-                ctx.timings[t.name] = time.perf_counter() - start
+                wt, per_use = targets_w.pop(t.name)
+                if self.refit:
+                    self._refit(ctx, t, wt, per_use)
+                scores.pop(t.name, None)
+            release_free_memory()
         return PassResult(True)
+
+    def _refit(self, ctx: CompileContext, t: Target, wt: list[np.ndarray], per_use: list) -> None:
+        start = time.perf_counter()
+        use = t.primary
+        gram_of = stats_gram([c.stats for c in per_use])
+        dense_blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], use)
+        keep_blocks = row_blocks(ctx.artifacts["masks"][t.name], use)
+        new_blocks = []
+        err_m = err_f = energy = 0.0
+        for g, (w, k) in enumerate(zip(wt, keep_blocks)):
+            h = gram_of(g, None, solver_dtype(w.shape[1]))
+            new = adaprune_rows(w, k, h, damp=self.damp)
+            # ‖W x_d − W' x_s‖² = Σ‖W x_d‖² − 2 tr(W' Σ x_s (W x_d)ᵀ) + tr(W' H_s W'ᵀ)
+            base = sum(float(c.energy[g]) for c in per_use)
+            target = sum(c.target[g] for c in per_use)
+            masked = np.where(k, dense_blocks[g], np.float32(0.0))
+            for cand, bucket in ((masked, "m"), (new, "f")):
+                e = base - 2 * float(np.einsum("ij,ji->", cand, target)) + quadratic_trace(cand, h)
+                if bucket == "m":
+                    err_m += e
+                else:
+                    err_f += e
+            energy += base
+            new_blocks.append(new)
+            del h
+        WeightView(ctx.model, t.weight, use).write(from_row_blocks(new_blocks, use).astype(np.float32))
+        for c, u in zip(per_use, t.uses):
+            delta = np.concatenate([w.astype(np.float64) @ c.mean_dense[g] - nb.astype(np.float64) @ c.stats.mean[g]
+                                    for g, (w, nb) in enumerate(zip(dense_blocks, new_blocks))])
+            add_to_bias(ctx, u, delta)
+        row = ctx.layer(t.name)
+        row["reconstruction_error_masked"] = max(err_m, 0.0) / energy if energy > 0 else 0.0
+        row["reconstruction_error_adaprune"] = max(err_f, 0.0) / energy if energy > 0 else 0.0
+        ctx.timings[t.name] = time.perf_counter() - start

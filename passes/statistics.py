@@ -64,6 +64,8 @@ __all__ = [
     "LayerSpec",
     "LayerStats",
     "collect_statistics",
+    "CrossStats",
+    "collect_cross_statistics",
     "im2col",
     "conv_pads",
     "conv_output_shape",
@@ -698,6 +700,32 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     if not specs:
         return {}
 
+    from .adaprune_solver import blas_single_thread, cpu_workers  # scipy: kept off this module's import
+
+    wanted = _internal_inputs(model, specs)
+    runners = [_Runner(model, wanted, base_dir, overrides)] if wanted else []
+    workers = cpu_workers() if threads is None else max(1, int(threads))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for part, (tensors, *_) in _runs(runners, batches, activation_bytes, progress, "calibration"):
+            jobs = []
+            for acc in accs.values():
+                t = acc.spec.input
+                jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t])]
+            with blas_single_thread():
+                _run_jobs(jobs, pool, workers)
+            del tensors, jobs
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        del runners
+
+    results = {k: acc.result() for k, acc in accs.items()}
+    return {s.name: results[s.key()] for s in specs}
+
+
+def _internal_inputs(model: onnx.ModelProto, specs: Sequence[LayerSpec]) -> list[str]:
+    """The layer inputs a session must compute (graph inputs come with the batch)."""
     inputs = graph_input_names(model)
     produced = {o for n in model.graph.node for o in n.output if o}
     inits = {t.name for t in model.graph.initializer}
@@ -712,61 +740,187 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
             raise ValueError(f"layer {s.name}: tensor {t!r} is not in the graph")
         if t not in wanted:
             wanted.append(t)
+    return wanted
 
-    sess, weight_feeds = None, {}
-    sess_inputs: list[str] = []
-    if wanted:
-        sess, weight_feeds = _build_session(model, wanted, base_dir, overrides)
-        sess_inputs = [i.name for i in sess.get_inputs()]
 
+@dataclass
+class CrossStats:
+    """What fitting W' x_s to the dense output W x_d needs (sequential calibration),
+    with x_s a layer's input in the compressed model and x_d in the dense one:
+    ``stats`` Σ x_s x_sᵀ (packed) and the mean of x_s; ``target`` (G, K, O/G)
+    Σ x_s (W_g x_d)ᵀ, the right-hand side of the normal equations; ``energy`` (G,)
+    Σ ‖W_g x_d‖²; ``mean_dense`` (G, K) the mean of x_d. No K×K matrix but the
+    packed Gram: the dense-side Gram and the cross Gram enter only through W."""
+
+    stats: LayerStats
+    target: np.ndarray
+    energy: np.ndarray
+    mean_dense: np.ndarray
+
+
+class _CrossAccumulator:
+    """Σ x_s (W x_d)ᵀ, Σ ‖W x_d‖² and Σ x_d for one layer, over matching chunks of
+    x_s and x_d (the Gram of x_s is a plain ``_Accumulator`` beside it)."""
+
+    def __init__(self, spec: LayerSpec, blocks: Sequence[np.ndarray], chunk_bytes: int):
+        self.spec = spec
+        self.blocks = [np.ascontiguousarray(b, np.float32) for b in blocks]  # (O/G, K) per group
+        self.chunk_bytes = chunk_bytes
+        G, K = len(self.blocks), self.blocks[0].shape[1]
+        self.target = np.zeros((G, K, self.blocks[0].shape[0]))
+        self.energy = np.zeros(G)
+        self.sums = np.zeros((G, K))
+
+    def merge(self, part, pool=None) -> None:
+        target, energy, sums = part
+        self.target += target
+        self.energy += energy
+        self.sums += sums
+
+    def _part(self, Ps: np.ndarray, Pd: np.ndarray):
+        """Ps, Pd (G, K, rows) float32 patches of the same positions."""
+        target = np.empty(self.target.shape)
+        energy = np.empty(len(self.blocks))
+        for g, w in enumerate(self.blocks):
+            y = w @ Pd[g]  # (O/G, rows): the dense layer's output, bias aside
+            target[g] = Ps[g] @ y.T
+            energy[g] = float(np.einsum("ij,ij->", y, y, dtype=np.float64))
+        return target, energy, Pd.sum(axis=2, dtype=np.float64)
+
+    def jobs(self, xs: np.ndarray, xd: np.ndarray) -> list:
+        spec, (G, K, O) = self.spec, self.target.shape
+        if xs.shape != xd.shape:
+            raise ValueError(f"layer {spec.name}: compressed and dense inputs differ in shape")
+        if spec.kind == "dense":
+            ax = spec.feature_axis
+            Xs = np.moveaxis(xs, ax, -1).reshape(-1, K)
+            Xd = np.moveaxis(xd, ax, -1).reshape(-1, K)
+            step = max(256, self.chunk_bytes // (8 * K))
+
+            def job(r0):
+                Ps = np.ascontiguousarray(Xs[r0:r0 + step].T, np.float32)[None]
+                Pd = np.ascontiguousarray(Xd[r0:r0 + step].T, np.float32)[None]
+                return self._part(Ps, Pd)
+
+            cost = 2 * step * K * 4 + K * O * 8
+            return [(cost, lambda r0=r0: job(r0)) for r0 in range(0, Xs.shape[0], step)]
+        out = conv_output_shape(spec, xs.shape[2:])
+        per_sample = G * K * math.prod(out) * 4
+        n_step = max(1, self.chunk_bytes // (2 * per_sample))
+        h_step = out[0] if n_step > 1 else max(1, self.chunk_bytes * out[0] // (2 * per_sample))
+
+        def job(n0, h0):
+            Ps = _patches_T(_window_view(xs[n0:n0 + n_step], spec)[:, :, h0:h0 + h_step], G, np.float32)
+            Pd = _patches_T(_window_view(xd[n0:n0 + n_step], spec)[:, :, h0:h0 + h_step], G, np.float32)
+            return self._part(Ps, Pd)
+
+        cost = min(2 * per_sample * n_step, self.chunk_bytes) + G * K * O * 8
+        return [(cost, lambda n0=n0, h0=h0: job(n0, h0))
+                for n0 in range(0, xs.shape[0], n_step) for h0 in range(0, out[0], h_step)]
+
+
+def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None],
+                             current: tuple[onnx.ModelProto, Mapping[str, np.ndarray] | None],
+                             specs: Sequence[LayerSpec], weights: Mapping[str, Sequence[np.ndarray]],
+                             batches: Iterable[Mapping[str, np.ndarray]], progress: bool = False,
+                             *, base_dir: str | None = None, chunk_bytes: int = 32 << 20,
+                             threads: int | None = None,
+                             activation_bytes: int = 64 << 20) -> dict[str, CrossStats]:
+    """One streamed pass through the dense and the current model (each a (model,
+    overrides) pair) together: each spec's CrossStats, its dense output computed
+    with ``weights[spec.name]`` (the dense weight's (O/G, K) row blocks). Runs are
+    split and chunked as in ``collect_statistics``, so memory stays at one run's
+    activations of both models, the jobs in flight, the packed Grams and the
+    (K, O) targets."""
+    from .adaprune_solver import blas_single_thread, cpu_workers  # scipy: kept off this module's import
+
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate layer names in specs")
+    if not specs:
+        return {}
+    grams = {}  # layers reading the same input (Q, K, V) share one Gram
+    for s in specs:
+        grams.setdefault(s.key(), _Accumulator(s, np.float32, chunk_bytes))
+    cross = {s.name: _CrossAccumulator(s, weights[s.name], chunk_bytes) for s in specs}
+    wanted = _internal_inputs(current[0], specs)
+    runners = [_Runner(m, wanted, base_dir, o) for m, o in (dense, current)] if wanted else []
+    workers = cpu_workers() if threads is None else max(1, int(threads))
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for part, outs in _runs(runners, batches, activation_bytes, progress, "calibration (sequential)"):
+            got_d, got_s = (outs if runners else ({}, {}))
+            jobs = []
+            for acc in grams.values():
+                xs = got_s.get(acc.spec.input, part.get(acc.spec.input))
+                jobs += [(acc, j) for j in acc.jobs(xs)]
+            for s in specs:
+                xs = got_s.get(s.input, part.get(s.input))
+                xd = got_d.get(s.input, part.get(s.input))
+                jobs += [(cross[s.name], j) for j in cross[s.name].jobs(np.asarray(xs), np.asarray(xd))]
+            with blas_single_thread():
+                _run_jobs(jobs, pool, workers)
+            del outs, got_d, got_s, jobs
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        del runners
+    results = {key: acc.result() for key, acc in grams.items()}
+    del grams
+    out = {}
+    for s in specs:
+        h, c = results[s.key()], cross.pop(s.name)
+        out[s.name] = CrossStats(h, c.target, c.energy, c.sums / h.count)
+    return out
+
+
+class _Runner:
+    """A statistics session over the nodes that compute ``wanted``, with its weight feeds."""
+
+    def __init__(self, model: onnx.ModelProto, wanted: list[str], base_dir: str | None,
+                 overrides: Mapping[str, np.ndarray] | None):
+        self.wanted = wanted
+        self.sess, self.weights = _build_session(model, wanted, base_dir, overrides)
+        self.inputs = [i.name for i in self.sess.get_inputs()]
+        self.dynamic = all(not isinstance(i.shape[0], int) for i in self.sess.get_inputs()
+                           if i.name not in self.weights and i.shape)
+
+    def __call__(self, part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {k: part[k] for k in self.inputs if k in part}
+        feed.update(self.weights)
+        return dict(zip(self.wanted, self.sess.run(self.wanted, feed)))
+
+
+def _runs(runners: list[_Runner], batches, activation_bytes: int, progress: bool, desc: str):
+    """(part, [tensors of each runner]) for every run: a batch is split into parts
+    whose requested activations (all runners together) stay within
+    ``activation_bytes`` when every runner's batch axis is free, sized from a
+    first one-sample run, so the split is deterministic. ORT holds every
+    requested output of a run at once (1.1 GB for ResNet-50's early layers at
+    32 images), so whole batches would set the peak."""
     total = len(batches) if hasattr(batches, "__len__") else None
     it: Iterator = iter(batches)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="calibration", unit="batch", total=total, file=sys.stderr,
-                  leave=False)
-    from .adaprune_solver import blas_single_thread, cpu_workers  # scipy: kept off this module's import
-
-    workers = cpu_workers() if threads is None else max(1, int(threads))
-    pool = ThreadPoolExecutor(workers) if workers > 1 else None
-    dynamic = sess is not None and all(
-        not isinstance(i.shape[0], int) for i in sess.get_inputs() if i.name in sess_inputs and i.name not in weight_feeds and i.shape)
+        it = tqdm(it, desc=desc, unit="batch", total=total, file=sys.stderr, leave=False)
+    dynamic = bool(runners) and all(r.dynamic for r in runners)
     per_run: int | None = None  # samples per run once known
-    try:
-        for batch in it:
-            n = batch_samples(batch)
-            split = dynamic and n > 1 and all(np.ndim(v) for v in batch.values())
-            start = 0
-            while True:
-                size = min(n - start, per_run or 1) if split else n
-                part = {k: v[start:start + size] for k, v in batch.items()} if split else batch
-                start += size
-                tensors: dict[str, np.ndarray] = {}
-                if sess is not None:
-                    feed = {k: part[k] for k in sess_inputs if k in part}
-                    feed.update(weight_feeds)
-                    outs = sess.run(wanted, feed)
-                    tensors = dict(zip(wanted, outs))
-                    if dynamic and per_run is None:
-                        per_sample = sum(o.nbytes for o in outs) / max(1, batch_samples(part))
-                        per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
-                    del outs
-                jobs = []
-                for acc in accs.values():
-                    t = acc.spec.input
-                    jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t])]
-                with blas_single_thread():
-                    _run_jobs(jobs, pool, workers)
-                del tensors, jobs
-                if start >= n:
-                    break
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    del sess, weight_feeds
-
-    results = {k: acc.result() for k, acc in accs.items()}
-    return {s.name: results[s.key()] for s in specs}
+    for batch in it:
+        n = batch_samples(batch)
+        split = dynamic and n > 1 and all(np.ndim(v) for v in batch.values())
+        start = 0
+        while True:
+            size = min(n - start, per_run or 1) if split else n
+            part = {k: v[start:start + size] for k, v in batch.items()} if split else batch
+            start += size
+            outs = [r(part) for r in runners]
+            if dynamic and per_run is None:
+                per_sample = sum(o.nbytes for t in outs for o in t.values()) / max(1, batch_samples(part))
+                per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
+            yield part, outs or [{}]
+            del outs
+            if start >= n:
+                break
 
 
 def batch_samples(batch: Mapping[str, np.ndarray]) -> int:

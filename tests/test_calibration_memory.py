@@ -225,3 +225,72 @@ def test_wide_layer_statistics_held_in_float32_give_the_same_solver_matrix():
     narrow = st.LayerStats.from_gram(np.eye(K - 1)[None], np.zeros((1, K - 1)), 1)
     ad.narrow_wide_stats(narrow)  # solved in float64: left alone
     assert narrow.packed.dtype == np.float64
+
+
+def _stem_and_layer_model(kind: str) -> onnx.ModelProto:
+    """x -> stem (Conv or MatMul) -> Relu -> the layer under test (output y)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    if kind == "conv":
+        stem = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+        layer = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)  # 2 groups of 4 channels
+        nodes = [helper.make_node("Conv", ["x", "stem_w"], ["s"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+                 helper.make_node("Relu", ["s"], ["r"]),
+                 helper.make_node("Conv", ["r", "layer_w"], ["y"], name="layer", group=2, strides=[2, 2],
+                                  pads=[0, 1, 1, 0], dilations=[1, 2], kernel_shape=[3, 3])]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])
+    else:
+        stem = rng.standard_normal((12, 16)).astype(np.float32)
+        layer = rng.standard_normal((16, 5)).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "stem_w"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+                 helper.make_node("MatMul", ["r", "layer_w"], ["y"], name="layer")]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 7, 12])
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(stem, "stem_w"), onnx.numpy_helper.from_array(layer, "layer_w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense"])
+def test_cross_statistics_equal_explicit_sums(kind, monkeypatch):
+    # sequential calibration's statistics against explicit rows of the compressed (x_s)
+    # and dense (x_d) inputs, with runs split one sample at a time and small chunks
+    model = _stem_and_layer_model(kind)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    rng = np.random.default_rng(8)
+    pruned_stem = np.where(rng.random(inits["stem_w"].shape) < 0.5, inits["stem_w"], 0).astype(np.float32)
+    shape = (5, 3, 9, 9) if kind == "conv" else (5, 7, 12)
+    data = rng.standard_normal(shape).astype(np.float32)
+    batches = [{"x": data[:3]}, {"x": data[3:]}]
+
+    node = model.graph.node[2]
+    spec = st.spec_from_node(node, inits["layer_w"].shape, name="L") if kind == "conv" else \
+        st.LayerSpec("L", "r", "dense", feature_axis=-1)
+    W = inits["layer_w"]
+    blocks = [b.reshape(b.shape[0], -1) for b in np.split(W, 2)] if kind == "conv" else [W.T]
+    got = st.collect_cross_statistics((model, None), (model, {"stem_w": pruned_stem}), [spec], {"L": blocks},
+                                      batches, chunk_bytes=1500, activation_bytes=1)["L"]
+
+    def relu_stem(stem):
+        if kind == "conv":
+            from nmcompile.passes.statistics import im2col
+            s_spec = st.LayerSpec("s", "x", "conv", kernel_shape=(3, 3), pads=(1, 1, 1, 1))
+            P = im2col(data.astype(np.float64), s_spec)[0]  # (rows, 27)
+            out = (P @ stem.reshape(8, -1).T.astype(np.float64)).reshape(5, 9, 9, 8).transpose(0, 3, 1, 2)
+            return np.maximum(out, 0)
+        return np.maximum(data.astype(np.float64) @ stem.astype(np.float64), 0)
+
+    xs, xd = relu_stem(pruned_stem), relu_stem(inits["stem_w"])
+    if kind == "conv":
+        from nmcompile.passes.statistics import im2col
+        Ps, Pd = im2col(xs, spec), im2col(xd, spec)  # (G, rows, K)
+    else:
+        Ps, Pd = xs.reshape(1, -1, 16), xd.reshape(1, -1, 16)
+    for g, w in enumerate(blocks):
+        y = Pd[g] @ w.T.astype(np.float64)  # (rows, O/G)
+        np.testing.assert_allclose(got.target[g], Ps[g].T @ y, rtol=1e-4, atol=1e-3)
+        assert got.energy[g] == pytest.approx(float((y * y).sum()), rel=1e-5)
+        np.testing.assert_allclose(got.stats.gram_group(g), Ps[g].T @ Ps[g], rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(got.stats.mean[g], Ps[g].mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.mean_dense[g], Pd[g].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert got.stats.count == Ps.shape[1]
