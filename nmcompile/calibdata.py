@@ -21,7 +21,7 @@ from nmcompile.errors import UserError
 from nmcompile.passes.statistics import fixed_batch_size
 
 __all__ = ["load_calibration", "validate_calibration", "iter_batches", "batch_size_for",
-           "Batches"]
+           "Batches", "StoredRows"]
 
 _LOAD_ERRORS = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError,
                 zlib.error, TypeError, AttributeError)
@@ -32,7 +32,89 @@ def _first_line(e: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
-def _load_npz(path: str) -> dict[str, np.ndarray]:
+class StoredRows:
+    """An array left in its .npz file(s), read a slice of samples at a time.
+
+    Calibration reads the data once per pass and never needs it whole: 512
+    ImageNet-sized samples are 308 MB, three times ResNet-50's weights. Each slice
+    is a fresh array read from the file (page cache, not this process's memory).
+    ``segments``: (path, byte offset, rows) per file, all of ``dtype`` and
+    per-sample shape ``shape[1:]``, concatenated along axis 0. ``np.asarray``
+    reads it all."""
+
+    def __init__(self, segments: list[tuple[str, int, int]], dtype: np.dtype, sample_shape: tuple[int, ...]):
+        self.segments = segments
+        self.dtype = np.dtype(dtype)
+        self.shape = (sum(r for _, _, r in segments),) + tuple(sample_shape)
+        self.ndim = len(self.shape)
+        self._row = int(np.prod(sample_shape, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start),) + self.shape[1:], self.dtype)
+        flat = out.reshape(-1)
+        first = done = 0
+        for path, offset, rows in self.segments:
+            lo, hi = max(start, first), min(stop, first + rows)
+            if lo < hi:
+                count = (hi - lo) * self._row
+                part = np.fromfile(path, self.dtype, count=count, offset=offset + (lo - first) * self._row * self.dtype.itemsize)
+                if part.size != count:
+                    raise UserError(f"calibration file {path} is shorter than its header says (truncated?)")
+                flat[done:done + count] = part
+                done += count
+            first += rows
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.shape[0])
+            return self._read(start, max(start, stop))
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(key)
+            return self._read(i, i + 1)[0]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._read(0, self.shape[0])
+        return out if dtype is None else out.astype(dtype)
+
+
+def _stored_member(path: str, archive: zipfile.ZipFile, member: str) -> StoredRows | None:
+    """The member as StoredRows when it lies uncompressed in the archive as a
+    C-ordered numeric .npy (np.savez); None otherwise (np.savez_compressed,
+    Fortran order), and then it is loaded as usual."""
+    info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if fortran or dtype.hasobject or dtype.kind not in "biuf" or len(shape) == 0:
+        return None  # loaded as usual, which reports what is wrong with it
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if offset - start + nbytes > info.file_size:
+        raise UserError(f"calibration file {path}: array {member[:-4]!r} is shorter than its header says")
+    return StoredRows([(path, offset, int(shape[0]))], dtype, tuple(shape[1:]))
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray | StoredRows]:
     try:
         f = np.load(path, allow_pickle=False)
     except _LOAD_ERRORS as e:
@@ -45,7 +127,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     with f:
         for k in f.files:
             try:
-                out[k] = f[k]
+                stored = _stored_member(path, f.zip, k + ".npy") if k + ".npy" in f.zip.namelist() else None
+                out[k] = stored if stored is not None else f[k]
             except _LOAD_ERRORS as e:
                 msg = _first_line(e)
                 if "allow_pickle" in msg or "bject arrays" in msg:
@@ -56,7 +139,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     if not out:
         raise UserError(f"calibration file {path} holds no arrays")
     for k, a in out.items():
-        if not isinstance(a, np.ndarray):
+        if not isinstance(a, (np.ndarray, StoredRows)):
             raise UserError(f"calibration file {path}: member {k!r} is not a numpy array")
         if a.dtype.kind not in "biuf":
             raise UserError(f"calibration array {k!r} in {path} has unsupported "
@@ -92,7 +175,12 @@ def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     raise UserError(f"calibration array {k!r}: {f} has shape {a.shape} "
                                     f"{a.dtype}, {files[0]} has {arrs[0].shape} "
                                     f"{arrs[0].dtype}")
-            out[k] = np.concatenate(arrs, axis=0) if len(arrs) > 1 else arrs[0]
+            if len(arrs) == 1:
+                out[k] = arrs[0]
+            elif all(isinstance(a, StoredRows) for a in arrs):  # still read a slice at a time
+                out[k] = StoredRows([seg for a in arrs for seg in a.segments], arrs[0].dtype, arrs[0].shape[1:])
+            else:
+                out[k] = np.concatenate([np.asarray(a) for a in arrs], axis=0)
             for p in parts:
                 del p[k]
         return out
@@ -126,7 +214,7 @@ def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray])
     counts = {}
     fixed = set()
     for vi in inputs:
-        a = np.asarray(data[vi.name])
+        a = data[vi.name]  # an array or StoredRows: only its dtype and shape are read
         if not vi.type.HasField("tensor_type"):
             raise UserError(f"model input {vi.name!r} is not a tensor; calibration "
                             "supports tensor inputs only")

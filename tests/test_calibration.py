@@ -732,3 +732,53 @@ def test_channel_last_order_for_conv_groups():
     back[:, perm] = S
     assert np.all(back.reshape(5, 2, 4, 3, 2).sum(axis=2) == 2)
     np.testing.assert_array_equal(ap.channel_last_order(6, (1, 1)), np.arange(6))
+
+
+def test_calibration_stays_in_its_file_and_is_read_by_slices(tmp_path):
+    from nmcompile.calibdata import StoredRows
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 3, 4)).astype(np.float32)
+    b = rng.integers(0, 9, size=(7, 2)).astype(np.int64)
+    np.savez(tmp_path / "plain.npz", a=a, b=b)
+    got = load_calibration(tmp_path / "plain.npz")
+    assert isinstance(got["a"], StoredRows) and got["a"].shape == a.shape and got["a"].dtype == a.dtype
+    assert np.array_equal(got["a"][2:5], a[2:5]) and np.array_equal(got["b"][5:99], b[5:])
+    assert np.array_equal(got["a"][-1], a[-1]) and np.array_equal(np.asarray(got["b"]), b)
+    batch = got["a"][0:3]
+    batch[:] = 0  # a fresh array per slice: the file is never written
+    assert np.array_equal(load_calibration(tmp_path / "plain.npz")["a"][0:3], a[0:3])
+    # a folder of plain files is still read a slice at a time, across file boundaries
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    np.savez(folder / "1.npz", a=a[:3], b=b[:3])
+    np.savez(folder / "2.npz", a=a[3:], b=b[3:])
+    joined = load_calibration(folder)
+    assert isinstance(joined["a"], StoredRows) and np.array_equal(joined["a"][1:6], a[1:6])
+    # compressed or Fortran-ordered members are loaded as before
+    np.savez_compressed(tmp_path / "small.npz", a=a, b=b)
+    np.savez(tmp_path / "fortran.npz", a=np.asfortranarray(a), b=b)
+    for name in ("small.npz", "fortran.npz"):
+        loaded = load_calibration(tmp_path / name)
+        assert isinstance(loaded["a"], np.ndarray) and np.array_equal(loaded["a"], a)
+    # the batches a compile sees are the same either way
+    model = make_model([helper.make_node("Identity", ["a"], ["y"])],
+                       [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])])
+    lazy = [x["a"] for x in iter_batches(model, {"a": got["a"]}, 3)]
+    eager = [x["a"] for x in iter_batches(model, {"a": a}, 3)]
+    assert len(lazy) == 3 and all(np.array_equal(x, y) for x, y in zip(lazy, eager))
+
+
+def test_calibration_member_shorter_than_its_header(tmp_path):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((10, 3), np.float32))
+    raw = buf.getvalue()
+    header = raw[: len(raw) - 10 * 3 * 4].replace(b"(10, 3)", b"(99, 3)")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("a.npy", header + raw[len(header):])
+    with pytest.raises(UserError, match="shorter"):
+        load_calibration(tmp_path / "short.npz")
