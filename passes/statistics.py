@@ -881,6 +881,7 @@ class _Runner:
                  overrides: Mapping[str, np.ndarray] | None):
         self.wanted = wanted
         self.sess, self.weights = _build_session(model, wanted, base_dir, overrides)
+        self.largest = _largest_activation(model, wanted)
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.dynamic = all(not isinstance(i.shape[0], int) for i in self.sess.get_inputs()
                            if i.name not in self.weights and i.shape)
@@ -889,6 +890,41 @@ class _Runner:
         feed = {k: part[k] for k in self.inputs if k in part}
         feed.update(self.weights)
         return dict(zip(self.wanted, self.sess.run(self.wanted, feed)))
+
+
+def _largest_activation(model: onnx.ModelProto, wanted: list[str]) -> int:
+    """Bytes per sample of the largest tensor the nodes computing ``wanted`` produce,
+    among those whose shape past the batch axis shape inference knows (0 if none).
+    The runs are sized by it too: for the deepest layers the requested outputs are
+    small (7×7 maps) while the stem's 112×112 maps pass through ORT on the way,
+    which for 8 images is ~80 MB that no requested output shows."""
+    g = model.graph
+    kept, _ = upstream(g.node, wanted)
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.node.extend(g.node[i] for i in kept)
+    m.graph.input.extend(g.input)
+    declared = {vi.name for vi in g.input}
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer
+                         if t.name not in declared)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # a model shape inference cannot follow: size by the outputs alone
+        return 0
+    best = 0
+    for vi in inferred.graph.value_info:
+        t = vi.type.tensor_type
+        dims = list(t.shape.dim)[1:] if t.HasField("shape") else None
+        if not dims or any(not d.HasField("dim_value") for d in dims):
+            continue
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+        except Exception:
+            continue
+        best = max(best, math.prod(d.dim_value for d in dims) * itemsize)
+    return best
 
 
 def _runs(runners: list[_Runner], batches, activation_bytes: int, progress: bool, desc: str):
@@ -916,6 +952,8 @@ def _runs(runners: list[_Runner], batches, activation_bytes: int, progress: bool
             outs = [r(part) for r in runners]
             if dynamic and per_run is None:
                 per_sample = sum(o.nbytes for t in outs for o in t.values()) / max(1, batch_samples(part))
+                # ORT's own intermediates on the way: an op's input and output and a skip branch
+                per_sample += 3 * max(r.largest for r in runners)
                 per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
             yield part, outs or [{}]
             del outs
