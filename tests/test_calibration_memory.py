@@ -294,3 +294,11 @@ def test_cross_statistics_equal_explicit_sums(kind, monkeypatch):
         np.testing.assert_allclose(got.stats.mean[g], Ps[g].mean(axis=0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.mean_dense[g], Pd[g].mean(axis=0), rtol=1e-5, atol=1e-6)
     assert got.stats.count == Ps.shape[1]
+
+
+def test_runs_are_sized_by_the_intermediates_ort_computes():
+    model = modelzoo.conv_model()  # x [N, 3, 8, 8] -> stem (32 channels) -> relu -> conv (64) -> relu -> head
+    stem_out = next(n.output[0] for n in model.graph.node if n.name == "stem")
+    conv_out = next(n.output[0] for n in model.graph.node if n.name == "conv")
+    assert st._largest_activation(model, [stem_out]) == 32 * 8 * 8 * 4
+    assert st._largest_activation(model, [conv_out]) == 64 * 8 * 8 * 4  # the deeper request passes the wider map
