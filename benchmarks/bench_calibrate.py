@@ -11,7 +11,11 @@ magnitude pruning of the same model in the same run.
 Part 2 prints dense / magnitude-only / calibrated top-1 accuracy of the shipped
 digits models at 2:4.
 
-    python benchmarks/bench_calibrate.py [--samples 32] [--image 224] [--skip-large]
+With ``--sequential`` the ResNet-50-shaped net is also compiled with
+``--sequential-calib`` (every layer's statistics from the model compressed so far,
+one pass over the data through it and the dense model per layer wave).
+
+    python benchmarks/bench_calibrate.py [--samples 32] [--image 224] [--skip-large] [--sequential]
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def run_driver(**kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def large_models(samples: int, image: int, folder: Path) -> None:
+def large_models(samples: int, image: int, folder: Path, sequential: bool = False) -> None:
     from nmcompile import modelzoo
 
     rng = np.random.default_rng(0)
@@ -96,12 +100,16 @@ def large_models(samples: int, image: int, folder: Path) -> None:
         np.savez(folder / "calib.npz", **data)
         mag = run_driver(model=src, output=folder / "mag.onnx", pattern="2:4")
         cal = run_driver(model=src, output=folder / "cal.onnx", pattern="2:4", calib=folder / "calib.npz", calib_batch=8)
-        for mode, res in (("magnitude", mag), ("calibrated", cal)):
+        runs = [("magnitude", mag), ("calibrated", cal)]
+        if sequential and name.startswith("ResNet"):
+            runs.append(("sequential", run_driver(model=src, output=folder / "seq.onnx", pattern="2:4", calib=folder / "calib.npz",
+                                                  calib_batch=8, sequential_calib=True)))
+        for mode, res in runs:
             times = list(res["timings"].values())
             fit = f"{sum(times):.1f}/{statistics.median(times):.2f}/{max(times):.2f}" if times else "-"
             errs = res["errors"]
             err = f"{statistics.median(e[0] for e in errs):.4f}->{statistics.median(e[1] for e in errs):.4f}" if errs else "-"
-            rate = f"{samples / res['seconds']:.1f}" if mode == "calibrated" else "-"
+            rate = f"{samples / res['seconds']:.1f}" if mode != "magnitude" else "-"
             print(
                 f"{name:32} {mode:10} {res['seconds']:8.1f} {rate:>10} {fit:>26} {res['peak_rss'] / 1e6:12.0f} "
                 f"{res['peak_rss'] / size:10.2f} {(res['peak_rss'] - res['base_rss']) / size:17.2f} {err:>30}"
@@ -134,11 +142,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32, help="calibration samples for the large models")
     ap.add_argument("--image", type=int, default=224, help="ResNet input size")
     ap.add_argument("--skip-large", action="store_true", help="only the shipped models")
+    ap.add_argument("--sequential", action="store_true", help="also --sequential-calib on the ResNet-50-shaped net (minutes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if not args.skip_large:
-            large_models(args.samples, args.image, folder)
+            large_models(args.samples, args.image, folder, args.sequential)
         shipped_accuracy(folder)
 
 
