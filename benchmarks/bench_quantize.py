@@ -39,9 +39,13 @@ increase.
 
 Then file sizes of weight-only 4-bit log / LUT models against fp32, dense and
 after 2:4 pruning (nmcompile compile_model --pattern 2:4, magnitude masks),
-with their accuracy: "lut4" at the defaults, "lut4 layer" with one codebook
-per layer and no per-channel scales (lut_granularity="layer": smaller, less
-accurate).
+with their accuracy: "lut4" at the defaults (uint8 per-channel scales or
+per-channel codebooks, float16 codebooks, N:M position patterns, large Gather
+tables coded too, the other float parameters (biases, norms, position tables)
+stored as float16 where that is within 2^-11), "lut4 f32 par" the same with
+those parameters left float32 (float16_params=False), "lut4 layer" with one
+codebook per layer and no per-channel scales (lut_granularity="layer":
+smaller, less accurate), "log4" power-of-two codes.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -294,10 +297,10 @@ def main() -> None:
     from nmcompile.patterns import Pattern
     from nmcompile.pipeline import compile_model
 
-    def codebook(src, out, mode, pattern, granularity=None):
+    def codebook(src, out, mode, pattern, granularity=None, float16_params=True):
         loaded = graphio.load_model(src)
         opts = SimpleNamespace(pattern=pattern, exclude=(), progress=False, quantize=mode, bits=4, calib_method=None, max_error=None,
-                               lut_granularity=granularity)
+                               lut_granularity=granularity, float16_params=float16_params)
         ctx = CompileContext(model=loaded, options=opts)
         for p in canonicalize_passes() + [FindTargets(), Quantize()]:
             p(ctx)
@@ -306,7 +309,7 @@ def main() -> None:
         return ctx
 
     print("weight-only 4-bit codes: file bytes (ratio to the fp32 file of the same sparsity) and accuracy / 1-cos")
-    header = f"{'model':<26} {'variant':<16} {'bytes':>9} {'ratio':>7} {'accuracy':>9} {'1-cos':>9}"
+    header = f"{'model':<26} {'variant':<18} {'bytes':>9} {'ratio':>7} {'accuracy':>9} {'1-cos':>9}"
     print(header)
     print("-" * len(header))
     for name, model, calib, test, batch, labelled in groups:
@@ -318,15 +321,16 @@ def main() -> None:
         for label, src, pat in (("dense", dense, None), ("2:4", sparse, Pattern(2, 4))):
             base = os.path.getsize(src)
             rows = [(f"{label} fp32", src)]
-            for mode, gran, tag in (("lut", None, "lut4"), ("lut", "layer", "lut4 layer"), ("log", None, "log4")):
+            for mode, gran, f16, tag in (("lut", None, True, "lut4"), ("lut", None, False, "lut4 f32 par"), ("lut", "layer", True, "lut4 layer"),
+                                         ("log", None, True, "log4")):
                 out = tmp / f"{Path(model).stem}_{label.replace(':', 'of')}_{tag.replace(' ', '_')}.onnx"
-                codebook(src, out, mode, pat, gran)
+                codebook(src, out, mode, pat, gran, f16)
                 rows.append((f"{label} {tag}", out))
             for variant, p in rows:
                 size = os.path.getsize(p)
                 acc = f"{accuracy(p, test) * 100:8.2f}%" if labelled else f"{'-':>9}"
                 cos = one_minus_cos(model, p, test_feeds)
-                print(f"{name:<26} {variant:<16} {size:9d} {size / base:7.3f} {acc} {cos:9.2e}")
+                print(f"{name:<26} {variant:<18} {size:9d} {size / base:7.3f} {acc} {cos:9.2e}")
         print()
     print(f"(files in {tmp})")
 

@@ -472,7 +472,7 @@ _scratch = threading.local()
 
 
 def _level_sums(tables: list[np.ndarray], idx: np.ndarray) -> list[np.ndarray]:
-    """``[t[idx].sum(axis=1) for t in tables]``, two tables per gather.
+    """``[t[idx].sum(axis=1) for t in tables]``, two tables per gather (the list is emptied).
 
     Pairs of tables travel as the real and imaginary parts of one complex
     table (one gather, one reduction for both); candidates are gathered
@@ -494,6 +494,7 @@ def _level_sums(tables: list[np.ndarray], idx: np.ndarray) -> list[np.ndarray]:
             t.imag = tables[j + 1]
         else:
             t.imag = 0.0
+        tables[j : j + 2] = [None] * len(tables[j : j + 2])  # the caller's list: free them as we go
         s = np.empty(T, np.complex128)
         for b0 in range(0, T, _BLOCK):
             ib = idx[b0 : b0 + _BLOCK]
@@ -575,16 +576,24 @@ def _kl_curve(c: np.ndarray, first: int, L: int, eps: float, out: np.ndarray) ->
     # rq <= 1/4: every a_k - e_q >= 3/4 a_k > 0, so Q is valid wherever P is
     tol = _TRUNCATION * total
     # -- sum_j P_j log Q_j ------------------------------------------------------
+    # (the interval tables are (nb + 1) x (W + 1) float64 each, 0.28 MB for 2048 bins:
+    # temporaries are dropped as soon as they are used, they set the peak memory)
     s0 = np.arange(nb + 1)[:, None]
     s1 = np.minimum(s0 + np.arange(W + 1)[None, :], nb)
     M = (C[s1] - C[s0]).ravel()
     NN = (N[s1] - N[s0]).astype(np.float64).ravel()
+    del s0, s1
     has = NN > 0
-    a = np.where(has, M, 1.0) / np.where(has, NN, 1.0)  # level value of Q (1.0 for empty levels)
+    a = np.where(has, M, 1.0)
+    a /= np.where(has, NN, 1.0)  # level value of Q (1.0 for empty levels)
     la = np.log(a)
-    cols = [np.where(has, M * la, 0.0)]
+    la_max = float(np.abs(la).max())
+    M *= la
+    cols = [np.where(has, M, 0.0)]
+    del M, has
     if ep.any():
         cols.append(NN * la)
+    del la
     n_terms = 0  # terms m = 1..n_terms of the e_q series, which need R_2 .. R_(n_terms + 1)
     if eq.any():
         # term m of candidate t is at most e_q nnz (e_q / c_min)^(m-1) / m (every a_k >= c_min)
@@ -599,7 +608,12 @@ def _kl_curve(c: np.ndarray, first: int, L: int, eps: float, out: np.ndarray) ->
         for _ in range(n_terms):
             R_tab = R_tab * inv_a  # NN a^(1-m): R_m = sum_k NN_k a_k^(1-m), m = 2 ..
             cols.append(R_tab)
+        del inv_a, R_tab
+    del NN
+    a_last = a[idx_last]
+    del a
     sums = _level_sums(cols, idx)
+    del cols
     SQ = sums[0]
     if ep.any():
         SQ = SQ - ep * sums[1]
@@ -607,7 +621,6 @@ def _kl_curve(c: np.ndarray, first: int, L: int, eps: float, out: np.ndarray) ->
         R = [None, nnz_q.astype(np.float64)] + sums[len(sums) - n_terms :]  # R[m], R_1 = sum_k NN_k
         for m in range(1, n_terms + 1):
             SQ = SQ - eq**m / m * (R[m] - ep * R[m + 1])
-    a_last = a[idx_last]
     with np.errstate(divide="ignore", invalid="ignore"):
         corr_q = np.where(last_nz, extra * np.log(a_last - eq), np.where(forced, p_last * math.log(eps), 0.0))
     SQ += corr_q
@@ -636,7 +649,7 @@ def _kl_curve(c: np.ndarray, first: int, L: int, eps: float, out: np.ndarray) ->
     # -- KL of the normalized distributions (sums: total for P, C[i] for Q) ----
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = (SP - SQ) / total + np.log(C[I] / total)
-    mag = np.concatenate(([0.0], np.cumsum(np.abs(clogc))))[I - 1] + np.abs(p_log_p) + C[I] * float(np.abs(la).max())
+    mag = np.concatenate(([0.0], np.cumsum(np.abs(clogc))))[I - 1] + np.abs(p_log_p) + C[I] * la_max
     noise = 64 * 2.0**-53 * (mag / total + 1.0)
     kl = np.where(kl <= noise, 0.0, kl)
     out[ok] = kl[ok]

@@ -20,11 +20,16 @@ Options read from ``ctx.options`` (``getattr`` with these defaults):
                         CPU needs to fuse QLinearConv / QGemm (see *int8 graph*).
 ``lut_granularity``     "auto" | "layer" | "tensor" | "channel" (default "auto", see *log / lut*).
 ``nm_storage``          "auto" | "dense" | "compressed" (default "auto", see *log / lut*).
+``quantize_tables``     log / lut: also code large float Gather tables (default True).
+``float16_params``      log / lut: store biases and other float parameters as float16
+                        where that is within 2^-11 (default True, see *log / lut*).
 ``pattern``             the N:M pattern the weights were pruned to (compressed storage).
 
 Artifacts: needs ``targets``; reads ``calib_batches`` (a zero-argument callable
 returning a fresh iterator of feed dicts; required for int8); leaves
-``quantization`` (the summary) and a ``quant`` entry in every layer's report row.
+``quantization`` (the summary; log / lut add ``tables``, the coded Gather tables
+with their rows, and ``float16_parameters``) and a ``quant`` entry in every
+layer's report row.
 
 int8 graph
 ----------
@@ -114,50 +119,81 @@ measured; all layers float is the float model, error 0).
 log / lut (weight-only)
 -----------------------
 No calibration data needed. Every target weight (the stored initializer, so
-every use and layout chain stays as it was) is replaced by one node that
-computes a tensor of the same name, a call of an ONNX local function (domain
-"nmcompile", defined once per decoding layout in the model's function list):
+every use and layout chain stays as it was), and every float Gather table of at
+least TABLE_MIN_ELEMENTS values read only by Gather (an embedding: its rows are
+weights too; coded per slice along the Gather axis; ``quantize_tables``,
+default True), is replaced by one node that computes a tensor of the same name,
+a call of an ONNX local function (domain "nmcompile", defined once per decoding
+layout in the model's function list, see ``_Layout.name``):
 
-    codes (uint8 [1, P], packed) -> Cast int32 -> Div [[1], [16]] -> Mod 16 -> Reshape
-        -> Slice -> Reshape [-> Add per-channel offsets] -> Gather(codebook)
-        [-> Cast float] [-> Mul per-channel scale (Cast float first)]
+    data (uint8 [codes | N:M positions | uint8 scales]) -> Slice the sections
+        (lengths from the shape input: ReduceProd, ceiling divisions) -> Cast int32
+        -> Div [[1], [16]] -> Mod 16 -> Reshape -> Slice -> Reshape
+        [-> Add per-channel offsets] -> Gather(codebook) [-> Cast float]
+        [-> Mul per-channel scale (Cast float first)]
 
-Packing is planar: with 4-bit codes, byte i holds code i in its low nibble and
-code i + P in its high nibble, P = ceil(n/2) (2-bit: four planes; 5..8 bits:
-one byte per code), so Div by the plane weights and Mod give every plane at
-once. All of it is integer arithmetic of opset 10 (no BitShift, no UINT4, which
-needs opset 21, external-data support and Cast support). ONNX Runtime inlines
-the function and folds it into a float constant at load, before partitioning
-the graph among execution providers: the file shrinks, runtime memory and
-speed are those of the float model. One node per weight keeps the graph's own
-bytes small next to the codes (small shape/count constants are shared by value).
+Packing is planar base-R digits (``pack_radix``): with 4-bit codes (R = 16),
+byte i holds code i in its low nibble and code i + P in its high nibble,
+P = ceil(n/2) (2-bit: four planes; 5..8 bits: one byte per code), so Div by
+the plane weights and Mod give every plane at once. All of it is integer
+arithmetic of opset 10 (no BitShift, no UINT4, which needs opset 21,
+external-data support and Cast support). Each node's inputs are the data, the
+weight's shape (a small int64 constant shared by value), the codebook, and only
+where needed a separate aux tensor (per-channel codebook offsets, a log scale;
+below opset 10 a uint8 scale too): one data tensor per weight keeps the graph's
+own bytes small next to the codes. ONNX Runtime inlines the function and folds
+it into a float constant at load, before partitioning the graph among
+execution providers: the file shrinks, runtime memory and speed are those of
+the float model.
 
-log: sign + power-of-two codes times a per-channel max |w| (``log_quantize``).
+log: sign + power-of-two codes times a per-channel max |w| (``log_quantize``;
+the float scale is a separate input in the weight's dtype: each channel's
+largest weight stays exact).
 lut: exact 1-D k-means codebooks (``lut_quantize``; in a weight with exact
 zeros, e.g. N:M pruned, zero has its own code 0, else all 2^bits codes are
 levels). ``lut_granularity`` "tensor": one codebook for the weight divided by
-its per-channel max |w| (the k-means weighted by scale^2, so it minimizes the
-error of the real weights), then Mul by the scale; "channel": one codebook
-per output channel (Add of c * 2^bits before the Gather, no Mul); "layer": one
-codebook for the raw weight, no scale (the smallest file; measured on the
-digits models it costs ~1 dB of weight SQNR, doubles the CNN's output error
-and loses points on a 2:4 model, so it is not the default); "auto": channel
-where the codebooks cost at most 1/8 of the codes (>= 512 weights per channel
-at 4 bits), tensor elsewhere (layer for a weight with no channel axis).
-Codebooks and scales of float32 weights are stored as float16 where every
-value is 0 or a normal float16 (a relative rounding of 2^-11, far below 4-bit
-code noise) and cast back to float32 in the decoding function; log scales keep
-the weight's dtype (each channel's largest weight stays exact).
+per-channel scales, the k-means weighted by scale^2 (so it minimizes the error
+of the real weights); the scales are uint8 multiples q[c] of one unit
+(``_uint8_scales``: unit = max|w| / 255, q[c] = ceil(max|w[c]| / unit)),
+stored in the data, and the unit is folded into the codebook, so W =
+(codebook * unit)[code] * q[c]; a coarse q only normalizes a little less,
+the k-means fits the scales as they are. "channel": one codebook per output
+channel (Add of c * 2^bits before the Gather, no Mul); "layer": one codebook
+for the raw weight, no scale (the smallest file; measured on the digits models
+it costs ~1 dB of weight SQNR, doubles the CNN's output error and loses points
+on a 2:4 model, so it is not the default); "auto": channel where the codebooks
+cost at most 1/8 of the codes (>= 512 weights per channel at 4 bits), tensor
+elsewhere (layer for a weight with no channel axis). Codebooks of float32
+weights are stored as float16 where the rounding of every level is within
+2^-11 of its codebook's largest level (``_fits_half``: ~66 dB, far below
+4-bit code noise) and cast back to float32 in the decoding function.
+
+Float parameters (``float16_params``, default True): once any weight is coded,
+the float32 initializers read only as biases, normalization gains and shifts,
+Add/Sub/Mul operands or small Gather tables (at least HALF_MIN_ELEMENTS values;
+every read of the tensor such a slot, see _ADDITIVE_SLOTS) are stored together
+as one float16 initializer, restored by one Cast and one Split (and a Reshape
+per tensor of rank > 1), where float16 holds them within 2^-11: of the tensor's
+largest value for additive slots, of each value (zero or normal float16) for
+multiplicative ones; integer-valued tensors only where float16 holds them exactly
+(positions, counts); others stay float32. On the digits encoder these are
+9 KB of a 285 KB file, as much as a third of its 2:4 codes.
 
 N:M storage: a weight whose every group of M along the reduction axis holds at
-most N nonzeros can store only N codes per group plus each one's position in
-the group (ceil(log2 M) bits, packed the same way), decoded with
-ConstantOfShape + ScatterElements on the reduction axis split into (groups, M)
-(opset 11). For 2:4 at 4 bits that is 3 bits per weight instead of 4.
-``nm_storage`` "compressed" takes it wherever it applies, "auto" where the
-serialized initializers and node are smaller than the dense codes, "dense"
-never. Only for weights read by one node with no layout chain. N:M zeros decode
-to exactly 0 in every mode (code 0, and scatter's zeros).
+most N nonzeros can store only N codes per group plus where they sit, decoded
+with ConstantOfShape + ScatterElements on the reduction axis split into
+(groups, M) (opset 11). Where sit: one index per group into the C(M, N) sorted
+position patterns, base C(M, N) digits (2:4: 6 patterns, three groups a byte,
+2.67 bits a group; 4:8: 70, one a byte), expanded by a Gather from the pattern
+table, where that is smaller than each kept weight's position in
+ceil(log2 M) bits (1:4). For 2:4 at 4 bits that is 2.67 bits per weight
+instead of 4. ``nm_storage`` "compressed" takes it wherever it applies, "dense"
+never, "auto" per layer where the serialized data and node are smaller, then
+moves all layers of a decoding function to their other storage where that makes
+the file smaller counting each function's bytes once (``_choose_storage``: a
+layout used by one small layer costs more than its codes save). Only for
+weights read by one node with no layout chain. N:M zeros decode to exactly 0
+in every mode (code 0, and scatter's zeros).
 
 Opset: int8 per-channel weights need DequantizeLinear's ``axis`` (opset 13).
 The default-domain opset import is raised only when every op of the graph has
@@ -169,6 +205,7 @@ no N:M-compressed storage below opset 11.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -232,6 +269,8 @@ class QuantOptions:
     lut_granularity: str = "auto"
     nm_storage: str = "auto"
     pattern: tuple[int, int] | None = None
+    float16_params: bool = True
+    quantize_tables: bool = True
 
     @classmethod
     def from_options(cls, opts) -> "QuantOptions | None":
@@ -287,10 +326,16 @@ class QuantOptions:
             lut_granularity=gran,
             nm_storage=storage,
             pattern=nm,
+            float16_params=_flag(getattr(opts, "float16_params", None), True),
+            quantize_tables=_flag(getattr(opts, "quantize_tables", None), True),
         )
 
 
 # --------------------------------------------------------------------------- small helpers
+
+
+def _flag(value, default: bool) -> bool:
+    return default if value is None else bool(value)
 
 
 def _finite_or_none(x: float | None, ndigits: int = 3):
@@ -379,6 +424,48 @@ def unpack_planar(packed: np.ndarray, count: int, width: int) -> np.ndarray:
         return p[:count].copy()
     mask = (1 << width) - 1
     planes = [(p >> (j * width)) & mask for j in range(f)]
+    return np.concatenate(planes)[:count].astype(np.uint8)
+
+
+def radix_planes(radix: int) -> int:
+    """How many base-`radix` digits one byte holds: the largest f with radix^f <= 256 (at least 1)."""
+    if not 2 <= radix <= 256:
+        raise ValueError(f"radix {radix}: expected 2..256")
+    f = 1
+    while radix ** (f + 1) <= 256:
+        f += 1
+    return f
+
+
+def pack_radix(values: np.ndarray, radix: int) -> np.ndarray:
+    """Pack values in [0, radix) as base-`radix` digits, planar: byte i = sum_j v[j*P + i] * radix^j.
+
+    f = radix_planes(radix) digits per byte, P = ceil(n / f); the tail is 0. With a
+    power-of-two radix 2^w this is exactly ``pack_planar(values, w)``; with e.g. the 6
+    patterns of a 2:4 group, three groups share a byte (2.67 bits each instead of 4).
+    """
+    v = np.asarray(values).reshape(-1)
+    if v.size and (int(v.min()) < 0 or int(v.max()) >= radix):
+        raise ValueError(f"values do not fit in radix {radix}")
+    f = radix_planes(radix)
+    v = v.astype(np.uint8, copy=False)
+    if f == 1:
+        return v.copy()
+    p = -(-v.size // f)
+    out = np.zeros(p, np.uint8)
+    for j in range(f):  # uint8 all the way (no wide temporaries): every partial sum is < radix^f <= 256
+        plane = v[j * p : (j + 1) * p]
+        out[: plane.size] += plane * np.uint8(radix**j)
+    return out
+
+
+def unpack_radix(packed: np.ndarray, count: int, radix: int) -> np.ndarray:
+    """Inverse of pack_radix: `count` values (uint8)."""
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1).astype(np.int64)
+    f = radix_planes(radix)
+    if f == 1:
+        return p[:count].astype(np.uint8)
+    planes = [(p // radix**j) % radix for j in range(f)]
     return np.concatenate(planes)[:count].astype(np.uint8)
 
 
@@ -489,6 +576,10 @@ class _Sessions:
         so.log_severity_level = 3
         # numpy works between runs (histograms, error sums): idle ORT threads must not spin
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # these sessions fetch many intermediate tensors: ORT's memory pattern plans one block
+        # for every output of a run on top of the arena (measured: 10 MB of the 105 MB a
+        # BERT-style L4 H256 calibration added, no time lost; no change on the digits models)
+        so.enable_mem_pattern = False
         if names:
             so.add_external_initializers(names, values)
         blob = m.SerializeToString()
@@ -923,6 +1014,7 @@ class _Int8:
             return
         method = self.qopts.calib_method
         h = s.hist
+        mse = None
         if method == "kl":
             # pytorch-quantization's zero-bin suppression: the spike of exact zeros after a
             # Relu otherwise drags the KL optimum far below the data (1.9 dB SQNR measured on
@@ -936,10 +1028,12 @@ class _Int8:
             choice = qm.choose_threshold_auto(h, bits=8)
             t, method = choice.threshold, choice.method
             s.candidates = {k: float(v) for k, v in choice.thresholds.items()}
+            mse = choice.errors.get(method)  # the histogram estimate below, already computed
         if not (t > 0 and math.isfinite(t)):
-            t, method = h.max_abs, method + "->minmax"
+            t, method, mse = h.max_abs, method + "->minmax", None
         s.threshold, s.method = float(t), method
-        mse = qm.histogram_quantization_error(h, s.threshold, 8)
+        if mse is None:
+            mse = qm.histogram_quantization_error(h, s.threshold, 8)
         power = s.sumsq / s.count if s.count else 0.0
         s.sqnr = math.inf if mse == 0 else (10 * math.log10(power / mse) if power > 0 else -math.inf)
 
@@ -1182,6 +1276,8 @@ class _CodeLayer:
     row: dict = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    table: bool = False  # a Gather table (embedding), not a MatMul/Gemm/Conv target
+    pending: Any = None  # (storage -> (function, bytes), finish(storage)) until the storage is chosen
 
 
 def _stored_axis(loaded, target: Target) -> int | None:
@@ -1210,89 +1306,227 @@ def _stored_axis(loaded, target: Target) -> int | None:
 
 
 FUNCTION_DOMAIN = "nmcompile"
+TABLE_MIN_ELEMENTS = 4096  # a float Gather table (embedding) at least this large is coded like a weight
+HALF_MIN_ELEMENTS = 16  # float32 parameters smaller than this (scalars, epsilons, small constants) stay float32
+_HALF_REL = 2.0**-11  # float16 rounding: half an ulp of a normal float16, relative
+
+# Where a float32 initializer is a parameter that float16 storage holds well (op, input slot): additive
+# ones (biases, shifts, position tables, embedding rows) are judged by the rounding relative to the
+# tensor's largest value, multiplicative ones (gains, slopes) value by value.
+_ADDITIVE_SLOTS = {
+    ("Conv", 2), ("ConvTranspose", 2), ("Gemm", 2), ("LayerNormalization", 2), ("InstanceNormalization", 2),
+    ("GroupNormalization", 2), ("BatchNormalization", 2), ("Add", 0), ("Add", 1), ("Sub", 0), ("Sub", 1), ("Gather", 0),
+}
+# Not Mul operands: a product may feed something periodic (rotary angles from a
+# frequency table), where a relative 2^-11 is not small.
+_MULTIPLICATIVE_SLOTS = {
+    ("LayerNormalization", 1), ("InstanceNormalization", 1), ("GroupNormalization", 1), ("BatchNormalization", 1),
+    ("PRelu", 1),
+}
 
 
-def _const_node(out: str, value: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [out], value=numpy_helper.from_array(np.asarray(value), out))
+def _fits_half(values, rows: int = 1, relative: bool = False) -> bool:
+    """True when float16 storage of `values` is within 2^-11 of what it must keep.
 
-
-def _unpack_body(prefix: str, codes: str, count: str, shape: str, width: int, out: str) -> list[onnx.NodeProto]:
-    """Function-body nodes: planar-packed uint8 codes -> int32 indices of `shape`.
-
-    Stored as [1, P] bytes; Div by [[1], [2^w], [2^2w], ...] and Mod 2^w give the
-    [8/w, P] planes, which flattened in order are the codes (the tail sliced off).
+    ``relative``: every value is 0 or a normal float16 (each value within 2^-11 of
+    itself). Else the rounding of every value is within 2^-11 of the largest |v| of
+    its row (the values split into `rows` rows), which lets values far below the
+    row's scale round to float16 subnormals (codebook levels near 0, small biases).
     """
-    f = 8 // width
-    nodes = [helper.make_node("Cast", [codes], [f"{prefix}c32"], to=TensorProto.INT32)]
-    t = f"{prefix}c32"
-    if f == 1:  # one code per byte: no planes, no tail (and no Slice, which opset 9 has only with attributes)
-        return nodes + [helper.make_node("Reshape", [t, shape], [out])]
-    if f > 1:
-        nodes += [
-            _const_node(f"{prefix}div", (1 << (width * np.arange(f, dtype=np.int64))).astype(np.int32).reshape(f, 1)),
-            _const_node(f"{prefix}mod", np.array(1 << width, np.int32)),
-            helper.make_node("Div", [t, f"{prefix}div"], [f"{prefix}planes"]),
-            helper.make_node("Mod", [f"{prefix}planes", f"{prefix}mod"], [f"{prefix}fields"]),
-        ]
-        t = f"{prefix}fields"
-    nodes += [
-        _const_node(f"{prefix}flat", np.array([-1], np.int64)),
-        _const_node(f"{prefix}zero", np.array([0], np.int64)),
-        helper.make_node("Reshape", [t, f"{prefix}flat"], [f"{prefix}flat_codes"]),
-        helper.make_node("Slice", [f"{prefix}flat_codes", f"{prefix}zero", count], [f"{prefix}codes"]),
-        helper.make_node("Reshape", [f"{prefix}codes", shape], [out]),
-    ]
-    return nodes
+    a = np.asarray(values, dtype=np.float64).reshape(max(1, rows), -1)
+    if a.size == 0:
+        return True
+    m = np.abs(a)
+    if not np.all(np.isfinite(a)) or float(m.max()) > 65504.0:
+        return False
+    if relative:
+        return bool(np.all((m == 0) | (m >= 2.0**-14)))
+    err = np.abs(a.astype(np.float16).astype(np.float64) - a)
+    return bool(np.all(err <= _HALF_REL * m.max(axis=1, keepdims=True)))
 
 
-def _decode_function(name: str, storage: str, width: int, pos_width: int, axis: int, aux: str, dtype: int, opset: int,
-                     side: int | None = None) -> onnx.FunctionProto:
+class _Body:
+    """Nodes of one decoding function. Intermediate tensors get short generated names
+    (the body is stored once per function, but every byte of it is in the file);
+    each small constant is defined once."""
+
+    def __init__(self, opset: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.known: dict[str, str] = {}  # key -> tensor name (constants, counts)
+        self.k = 0
+        self.opset = opset
+
+    def _fresh(self) -> str:
+        self.k += 1
+        return f"t{self.k}"
+
+    def add(self, op: str, inputs: list[str], output: str | None = None, **kw) -> str:
+        output = output or self._fresh()
+        self.nodes.append(helper.make_node(op, inputs, [output], **kw))
+        return output
+
+    def const(self, key: str, value) -> str:
+        if key not in self.known:
+            name = self._fresh()
+            self.nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value))))
+            self.known[key] = name
+        return self.known[key]
+
+    def i64(self, *values: int) -> str:
+        """A [len] int64 constant (Constant value_ints from opset 12: a few bytes smaller)."""
+        key = f"i64{values}"
+        if key not in self.known and self.opset >= 12:
+            name = self._fresh()
+            self.nodes.append(helper.make_node("Constant", [], [name], value_ints=[int(v) for v in values]))
+            self.known[key] = name
+        return self.const(key, np.array(values, np.int64))
+
+    def count(self, shape: str) -> str:
+        """[1] int64: the number of elements of a tensor of shape `shape`."""
+        key = f"count:{shape}"
+        if key not in self.known:
+            self.known[key] = self.add("ReduceProd", [shape], keepdims=1)
+        return self.known[key]
+
+    def ceil_div(self, x: str, f: int) -> str:
+        return x if f == 1 else self.add("Div", [self.add("Add", [x, self.i64(f - 1)]), self.i64(f)])
+
+    def digits(self, packed: str, radix: int, count: str | None) -> str:
+        """uint8 bytes of pack_radix(v, radix) -> the flat int32 values (the first `count`)."""
+        f = radix_planes(radix)
+        c = self.add("Cast", [packed], to=TensorProto.INT32)
+        if f == 1:  # one value per byte: nothing to split, no tail
+            return c
+        div = self.const(f"div{radix}", (radix ** np.arange(f, dtype=np.int64)).astype(np.int32).reshape(f, 1))
+        mod = self.const(f"mod{radix}", np.array(radix, np.int32))
+        flat = self.add("Reshape", [self.add("Mod", [self.add("Div", [c, div]), mod]), self.i64(-1)])
+        return self.add("Slice", [flat, self.i64(0), count])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a decoding function needs to know beyond its inputs (one function per distinct layout)."""
+
+    storage: str  # "dense" | "nm"
+    width: int  # bits per code field (2, 4 or 8)
+    aux: str  # "none" | "offsets" | "scale" (float) | "qscale" (uint8)
+    dtype: int  # the weight's TensorProto type
+    side: int  # the codebook's stored type
+    rank: int  # rank of the stored weight
+    channel: int | None  # its channel axis (where a per-channel scale varies)
+    merged: bool  # codes, positions and a uint8 scale in one uint8 tensor (opset >= 10)
+    red: int = 0  # nm: the reduction axis, split into (groups, m)
+    n: int = 0
+    m: int = 0
+    positions: tuple = ()  # nm: ("positional", bits) or ("pattern",)
+
+    @property
+    def separate_aux(self) -> bool:
+        return self.aux in ("offsets", "scale") or (self.aux == "qscale" and not self.merged)
+
+    def name(self, prefix: str) -> str:
+        """E.g. nm2of4_w4_pat_r0_d2_c1_qscale_f16: 2:4 storage, 4-bit code fields, pattern
+        positions, reduction axis 0 of a rank-2 weight, uint8 scale along axis 1 (in the
+        data), float16 codebook (to float32); dense_w4_d4_none_f32; ..._sep: scale or
+        codes apart (below opset 10). Every node names its function, so names are short."""
+        short = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.DOUBLE: "f64"}
+        if self.storage == "dense":
+            s = f"dense_w{self.width}"
+        else:
+            pos = f"pos{self.positions[1]}" if self.positions[0] == "positional" else "pat"
+            s = f"nm{self.n}of{self.m}_w{self.width}_{pos}_r{self.red}"
+        s += f"_d{self.rank}"
+        if self.aux == "qscale" and not self.separate_aux:
+            s += f"_c{self.channel}"
+        side = short[self.side] if self.dtype == TensorProto.FLOAT else f"{short[self.side]}to{short[self.dtype][1:]}"
+        return prefix + s + f"_{self.aux}_{side}" + ("" if self.merged else "_sep")
+
+
+def _decode_function(name: str, L: _Layout, opset: int) -> onnx.FunctionProto:
     """One ONNX local function per decoding layout: each weight is then a single node.
 
-    dense:  (codes, count, shape, codebook, aux) -> W
-    nm:     (codes, count, kept_shape, positions, pos_count, group_shape, shape, codebook, aux) -> W
-    (no count inputs for one code per byte)
-    aux is the per-channel scale (Mul after the Gather) or the per-channel codebook offsets
-    (Add before the Gather); both broadcast against the (kept) code layout. A layer-wide
-    codebook ("none") has no aux input.
+    Inputs (data, shape, codebook[, aux]) -> W. ``data`` (uint8) holds, one after
+    the other (opset >= 10, "merged"): the packed codes, for N:M storage the packed
+    positions, and a uint8 per-channel scale; every section's length follows from
+    ``shape`` (ReduceProd and ceiling divisions), the scale runs to the end. Below
+    opset 10 ``data`` is the codes alone (one per byte) and a scale is ``aux``.
+    N:M storage derives the group layout from ``shape`` too: the reduction axis r
+    split into (shape[r]/m, m) (zeros scattered into), (shape[r]/m, n) (the kept
+    codes), (shape[r]/m, 1) (one pattern index per group). Positions: ("positional",
+    w) each kept weight's position in its group, w bits; ("pattern",) one index per
+    group into the C(m, n) sorted position patterns (pack_radix, radix C(m, n)),
+    expanded by a Gather from the pattern table. aux: "scale" (float per-channel
+    scale, Mul after the Gather), "qscale" (uint8 per-channel scale: Cast, Mul; the
+    codebook holds the unit), "offsets" (per-channel codebook offsets, Add before the
+    Gather) or "none". Per-channel tensors broadcast against the (kept) code layout.
     """
-    aux_in = [] if aux == "none" else ["aux"]
-    if storage == "dense":
-        inputs = ["codes"] + (["count"] if width < 8 else []) + ["shape", "codebook"] + aux_in
-        nodes = _unpack_body("c_", "codes", "count", "shape", width, "index")
-        target = "W"
+    b = _Body(opset)
+    inputs = ["data", "shape", "codebook"] + (["aux"] if L.separate_aux else [])
+    R = L.rank
+    if L.storage == "dense":
+        code_shape = "shape"
     else:
-        inputs = (["codes"] + (["count"] if width < 8 else []) + ["kept_shape", "positions"] + (["pos_count"] if pos_width < 8 else [])
-                  + ["group_shape", "shape", "codebook"] + aux_in)
-        nodes = _unpack_body("c_", "codes", "count", "kept_shape", width, "index")
-        nodes += _unpack_body("p_", "positions", "pos_count", "kept_shape", pos_width, "pos")
-        target = "kept"
-    cast = side is not None and side != dtype  # codebook / scale stored narrower than the weight
-
-    def gather(index: str, out: str) -> None:
-        nodes.append(helper.make_node("Gather", ["codebook", index], [out + "_side" if cast else out], axis=0))
-        if cast:
-            nodes.append(helper.make_node("Cast", [out + "_side"], [out], to=dtype))
-
-    if aux == "offsets":
-        nodes.append(helper.make_node("Add", ["index", "aux"], ["book_index"]))
-        gather("book_index", target)
-    elif aux == "none":
-        gather("index", target)
+        r = L.red
+        head = [b.add("Slice", ["shape", b.i64(0), b.i64(r)])] if r > 0 else []
+        tail = [b.add("Slice", ["shape", b.i64(r + 1), b.i64(R)])] if r + 1 < R else []
+        groups = b.add("Div", [b.add("Slice", ["shape", b.i64(r), b.i64(r + 1)]), b.i64(L.m)])
+        group_shape, kept_shape = (b.add("Concat", head + [groups, b.i64(k)] + tail, axis=0) for k in (L.m, L.n))
+        if L.positions[0] == "pattern":
+            pattern_shape = b.add("Concat", head + [groups, b.i64(1)] + tail, axis=0)
+        code_shape = kept_shape
+    code_radix = 1 << L.width
+    count = b.count(code_shape) if L.merged or radix_planes(code_radix) > 1 else None
+    aux = "aux"
+    if L.merged:
+        end = b.ceil_div(count, radix_planes(code_radix))
+        codes = b.add("Slice", ["data", b.i64(0), end])
+        if L.storage != "dense":
+            if L.positions[0] == "positional":
+                pos_radix, pos_count = 1 << L.positions[1], count
+            else:
+                pos_radix, pos_count = math.comb(L.m, L.n), b.count(pattern_shape)
+            pos_end = b.add("Add", [end, b.ceil_div(pos_count, radix_planes(pos_radix))])
+            positions = b.add("Slice", ["data", end, pos_end])
+            end = pos_end
+        if L.aux == "qscale":
+            layout_rank = R if L.storage == "dense" else R + 1
+            ch = L.channel if L.storage == "dense" or L.channel < L.red else L.channel + 1
+            bshape = [-1 if i == ch else 1 for i in range(layout_rank)]
+            q = b.add("Slice", ["data", end, b.i64(np.iinfo(np.int64).max)])
+            aux = b.add("Reshape", [q, b.i64(*bshape)])
     else:
-        gather("index", "levels")
-        if cast:
-            nodes.append(helper.make_node("Cast", ["aux"], ["scale"], to=dtype))
-        nodes.append(helper.make_node("Mul", ["levels", "scale" if cast else "aux"], [target]))
-    if storage != "dense":
-        zero = np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype))
-        nodes += [
-            helper.make_node("ConstantOfShape", ["group_shape"], ["zeros"], value=numpy_helper.from_array(zero, "value")),
-            helper.make_node("ScatterElements", ["zeros", "pos", "kept"], ["grouped"], axis=axis),
-            helper.make_node("Reshape", ["grouped", "shape"], ["W"]),
-        ]
-    return helper.make_function(FUNCTION_DOMAIN, name, inputs, ["W"], nodes, opset_imports=[helper.make_opsetid("", opset)],
-                                doc_string="nmcompile weight decoding (see nmcompile.passes.quantize)")
+        codes = "data"
+    index = b.add("Reshape", [b.digits(codes, code_radix, count), code_shape])
+    target = "W" if L.storage == "dense" else None
+    if L.storage != "dense":
+        if L.positions[0] == "positional":
+            pos = b.add("Reshape", [b.digits(positions, 1 << L.positions[1], count), kept_shape])
+        else:
+            combos = np.array(list(itertools.combinations(range(L.m), L.n)), np.int32)
+            pattern = b.add("Reshape", [b.digits(positions, len(combos), pos_count), pattern_shape])
+            # position of slot k of a group with pattern p: table[p * n + k]
+            slots = np.arange(L.n, dtype=np.int32).reshape([L.n] + [1] * (R - L.red - 1))
+            index_n = b.add("Add", [b.add("Mul", [pattern, b.const("n", np.array(L.n, np.int32))]), b.const("slots", slots)])
+            pos = b.add("Gather", [b.const("patterns", combos.reshape(-1)), index_n], axis=0)
+    cast = L.side != L.dtype  # codebook stored narrower than the weight
+
+    def gather(idx: str, out: str | None) -> str:
+        if not cast:
+            return b.add("Gather", ["codebook", idx], out, axis=0)
+        return b.add("Cast", [b.add("Gather", ["codebook", idx], axis=0)], out, to=L.dtype)
+
+    if L.aux == "offsets":
+        values = gather(b.add("Add", [index, aux]), target)
+    elif L.aux == "none":
+        values = gather(index, target)
+    else:
+        scale = b.add("Cast", [aux], to=L.dtype) if L.aux == "qscale" else aux  # a float scale has the weight's dtype
+        values = b.add("Mul", [gather(index, None), scale], target)
+    if L.storage != "dense":
+        zero = np.zeros(1, helper.tensor_dtype_to_np_dtype(L.dtype))
+        zeros = b.add("ConstantOfShape", [group_shape], value=numpy_helper.from_array(zero))
+        b.add("Reshape", [b.add("ScatterElements", [zeros, pos, values], axis=L.red + 1), "shape"], "W")
+    return helper.make_function(FUNCTION_DOMAIN, name, inputs, ["W"], b.nodes, opset_imports=[helper.make_opsetid("", opset)])
 
 
 class _Codebook:
@@ -1316,9 +1550,16 @@ class _Codebook:
         else:
             self.fn_prefix = ""
         self.namer = _Namer(graph)
+        self.index = GraphIndex(graph)
         self.functions: dict[str, onnx.FunctionProto] = {}
         self.shared: dict[str, np.ndarray] = {}  # small int64 constants, named by value
+        weights = {t.weight for t in targets}
+        tables = self._find_tables(weights) if qopts.quantize_tables else []
         self.layers = [self._layer(t) for t in _progress(ctx, targets, f"{qopts.mode} codes")]
+        self.layers += [self._layer(t, axis) for t, axis in tables]
+        self._choose_storage()
+        self.params = self._find_params(weights | {t.weight for t, _ in tables}) if qopts.float16_params else []
+        self.params_edit = self._params_edit(self.params) if self.params else None
 
     def _shared(self, kind: str, values) -> str:
         arr = np.asarray(values, np.int64).reshape(-1)
@@ -1335,27 +1576,116 @@ class _Codebook:
             name, k = f"{base}_{k}", k + 1
         return name
 
-    def _function(self, storage, width, pos_width, axis, aux, dtype, side=None) -> str:
-        short = {TensorProto.FLOAT: "f32", TensorProto.FLOAT16: "f16", TensorProto.DOUBLE: "f64"}
-        side = dtype if side is None else side
-        name = (f"{self.fn_prefix}decode_{storage}_w{width}" + (f"_p{pos_width}_axis{axis}" if storage != "dense" else "")
-                + f"_{aux}_{short[dtype]}" + (f"_from_{short[side]}" if side != dtype else ""))
+    def _function(self, layout: _Layout) -> str:
+        name = layout.name(self.fn_prefix)
         if name not in self.functions:
-            self.functions[name] = _decode_function(name, storage, width, pos_width, axis, aux, dtype, self.opset, side)
+            self.functions[name] = _decode_function(name, layout, self.opset)
         return name
 
+    # -- what else the codes cover ------------------------------------------------
+    def _find_tables(self, taken: set[str]) -> list[tuple[Target, int]]:
+        """Large float initializers read only as the data of Gather nodes (embedding tables).
+
+        They are weights like the others: coded with one scale (or codebook) per slice
+        along the Gather axis, the rows a lookup reads.
+        """
+        graph = self.loaded.model.graph
+        inputs = {i.name for i in graph.input}
+        out = []
+        for t in graph.initializer:
+            name = t.name
+            if name in taken or name in inputs or name in self.index.graph_outputs:
+                continue
+            if t.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+                continue
+            dims = [int(d) for d in t.dims]
+            if len(dims) < 2 or int(np.prod(dims)) < TABLE_MIN_ELEMENTS:
+                continue
+            uses = self.index.uses(name)
+            if not uses or any(n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or i != 0 for n, i in uses):
+                continue
+            axes = {int(attr(n, "axis", 0)) % len(dims) for n, _ in uses}
+            if len(axes) != 1:
+                continue
+            out.append((Target(name=uses[0][0].name or name, weight=name, uses=[]), axes.pop()))
+        return out
+
+    def _find_params(self, taken: set[str]) -> list[str]:
+        """float32 initializers that float16 storage holds within 2^-11 (see _ADDITIVE_SLOTS).
+
+        Biases, normalization gains and shifts, position tables, small embedding tables:
+        every read of the tensor must be such a parameter slot of a default-domain node
+        (none inside a subgraph), at least HALF_MIN_ELEMENTS values, not a graph input or
+        output, and not integer-valued beyond what float16 holds exactly (|v| > 2048).
+        """
+        graph = self.loaded.model.graph
+        inputs = {i.name for i in graph.input}
+        out = []
+        for t in graph.initializer:
+            name = t.name
+            if name in taken or name in inputs or name in self.index.graph_outputs or t.data_type != TensorProto.FLOAT:
+                continue
+            if int(np.prod([int(d) for d in t.dims])) < HALF_MIN_ELEMENTS:
+                continue
+            uses = self.index.uses(name)
+            if not uses or any(n.domain not in ("", "ai.onnx") for n, _ in uses):
+                continue
+            slots = {(n.op_type, i) for n, i in uses}
+            if not slots <= (_ADDITIVE_SLOTS | _MULTIPLICATIVE_SLOTS):
+                continue
+            a = np.asarray(self.loaded.array(name))
+            if not _fits_half(a, relative=bool(slots & _MULTIPLICATIVE_SLOTS)):
+                continue
+            # integer-valued floats (positions, counts, index arithmetic) must stay exact:
+            # float16 holds integers exactly only up to 2048
+            if np.array_equal(a, np.round(a)) and not np.array_equal(a.astype(np.float16).astype(a.dtype), a):
+                continue
+            out.append(name)
+        return out
+
+    def _params_edit(self, names: list[str]) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], dict]:
+        """One float16 initializer holding every parameter, one Cast and one Split back to the float32 names."""
+        arrays = [np.asarray(self.loaded.array(n), np.float32) for n in names]
+        blob = self.namer("nmcompile.float16_params")
+        wide = self.namer("nmcompile.float16_params_float")
+        outs, tail = [], []
+        for name, a in zip(names, arrays):
+            if a.ndim == 1:
+                outs.append(name)
+            else:
+                flat = self.namer(f"{name}_flat")
+                outs.append(flat)
+                tail.append(helper.make_node("Reshape", [flat, self._shared("shape", a.shape)], [name], name=self.namer(f"{name}_Reshape")))
+        inits: dict[str, np.ndarray] = {blob: np.concatenate([a.reshape(-1) for a in arrays]).astype(np.float16)}
+        if len(arrays) == 1:
+            nodes = [helper.make_node("Cast", [blob], outs, name=self.namer(f"{blob}_Cast"), to=TensorProto.FLOAT)]
+        else:
+            nodes = [helper.make_node("Cast", [blob], [wide], name=self.namer(f"{blob}_Cast"), to=TensorProto.FLOAT)]
+            sizes = [int(a.size) for a in arrays]
+            if self.opset >= 13:
+                split = self.namer(f"{blob}_sizes")
+                inits[split] = np.array(sizes, np.int64)
+                nodes.append(helper.make_node("Split", [wide, split], outs, name=self.namer(f"{blob}_Split"), axis=0))
+            else:
+                nodes.append(helper.make_node("Split", [wide], outs, name=self.namer(f"{blob}_Split"), axis=0, split=sizes))
+        n = int(sum(a.size for a in arrays))
+        info = {"tensors": len(names), "values": n, "bytes_before": 4 * n, "bytes_after": 2 * n,
+                "rule": "float16 within 2^-11 of each tensor's largest value (additive) or of each value (multiplicative)"}
+        return nodes + tail, inits, info
+
     # -- encoding ---------------------------------------------------------------
-    def _layer(self, target: Target) -> _CodeLayer:
-        layer = _CodeLayer(target)
+    def _layer(self, target: Target, table_axis: int | None = None) -> _CodeLayer:
+        layer = _CodeLayer(target, table=table_axis is not None)
         loaded = self.loaded
         stored = loaded.initializer(target.weight)
-        problem = _chain_problem(loaded, target)
-        if problem or stored is None:
-            layer.reason = f"weight not quantizable: {problem}"
-            return layer
-        if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
-            layer.reason = "weight already quantized (read through DequantizeLinear)"
-            return layer
+        if table_axis is None:
+            problem = _chain_problem(loaded, target)
+            if problem or stored is None:
+                layer.reason = f"weight not quantizable: {problem}"
+                return layer
+            if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
+                layer.reason = "weight already quantized (read through DequantizeLinear)"
+                return layer
         if stored.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             layer.reason = f"weight is {TensorProto.DataType.Name(stored.data_type)}"
             return layer
@@ -1363,7 +1693,7 @@ class _Codebook:
         dtype = w.dtype
         w32 = w.astype(np.float32)
         nd = w32.ndim
-        axis = _stored_axis(loaded, target)
+        axis = _stored_axis(loaded, target) if table_axis is None else table_axis
         bits = self.qopts.bits
         K = 1 << bits
         n = w32.size
@@ -1384,10 +1714,10 @@ class _Codebook:
             if gran == "auto":
                 # per-channel codebooks where they cost at most 1/8 of the codes (float16 side
                 # information: >= 512 weights per channel at 4 bits), else one codebook for the
-                # weight divided by its per-channel max |w|. Measured on the digits models, one
-                # codebook for the raw weight ("layer": no per-channel scales, 0.5 bit per weight
-                # less on 64-channel layers) costs about 1 dB of weight SQNR but doubles the
-                # output error of the CNN and loses 6 points on the 2:4 encoder: not a default.
+                # weight over per-channel scales. Measured on the digits models, one codebook for
+                # the raw weight ("layer": no per-channel scales) costs about 1 dB of weight SQNR
+                # but doubles the output error of the CNN and loses 6 points on the 2:4 encoder:
+                # not a default.
                 side = 2 if w.dtype == np.float32 else w.itemsize
                 if axis is None:
                     gran = "layer"
@@ -1395,110 +1725,159 @@ class _Codebook:
                     gran = "channel"
                 else:
                     gran = "tensor"
-            elif gran == "channel" and axis is None:
-                gran = "layer"
+            elif gran in ("channel", "tensor") and axis is None:
+                gran = "layer"  # no channel axis: one codebook (a scalar scale would fold into it)
             granularity = gran
             if gran == "channel":
                 codes, books = qm.lut_quantize(w32, bits, axis=axis, reserve_zero=reserve_zero)
                 offsets = (np.arange(C, dtype=np.int32) * K).reshape(bshape)
-                variant = self._variant(codes, books.reshape(-1), None, offsets, axis, dtype, bshape)
+                variant = self._variant(codes, books, None, offsets, axis, dtype, bshape)
             elif gran == "layer":
                 codes, book = qm.lut_quantize(w32, bits, axis=None, reserve_zero=reserve_zero)
                 variant = self._variant(codes, book, None, None, axis, dtype, bshape)
             else:
-                if axis is not None:
-                    amax = np.max(np.abs(np.moveaxis(w32, axis, 0).reshape(C, -1)), axis=1) if n else np.zeros(C)
-                else:
-                    amax = np.array([np.max(np.abs(w32)) if n else 0.0])
-                scale = amax.astype(np.float32)
-                scale[scale == 0] = 1.0
-                if axis is None:
-                    scale = scale.reshape(())
-                s_b = scale.reshape(bshape) if axis is not None else scale
-                u = w32.astype(np.float64) / s_b.astype(np.float64)
-                sw = np.broadcast_to(s_b.astype(np.float64) ** 2, w32.shape)
+                q, unit = _uint8_scales(w32, axis)
+                s = q.astype(np.float64).reshape(bshape) * unit
+                u = w32.astype(np.float64) / s
+                sw = np.broadcast_to(s**2, w32.shape)
                 codes, book = qm.lut_quantize(u, bits, axis=None, sample_weight=sw, reserve_zero=reserve_zero)
-                variant = self._variant(codes, book, scale, None, axis, dtype, bshape)
+                # the unit folds into the codebook: W = (codebook * unit)[code] * q[channel]
+                variant = self._variant(codes, book.astype(np.float64) * unit, q.reshape(bshape), None, axis, dtype, bshape)
             codes, book_t, scale_t, offsets, decoded = variant
             kind = "kmeans"
         if np.any((w32 == 0) & (decoded != 0)):  # pragma: no cover - guaranteed by the quantizers
             raise RuntimeError(f"{target.name}: a zero weight did not decode to 0")
 
         compressed = None
-        if self.qopts.nm_storage != "dense" and self.packed and self.can_scatter:
+        if self.qopts.nm_storage != "dense" and self.packed and self.can_scatter and table_axis is None:
             compressed = self._compressed(target, w32, codes)
         builds = {"dense": self._build(target, "dense", codes, width, book_t, scale_t, offsets, axis, None, dtype)}
         if compressed is not None:
             builds["compressed"] = self._build(target, "compressed", codes, width, book_t, scale_t, offsets, axis, compressed, dtype)
-        if "compressed" in builds and self.qopts.nm_storage == "compressed":
-            storage = "compressed"
-        elif "compressed" in builds and builds["compressed"][3] < builds["dense"][3]:
-            storage = "compressed"
-        else:
-            storage = "dense"
-        node, inits, fn, nbytes, names = builds[storage]
-        self.namer.taken.update(inits)
-        self.namer.taken.add(node.name)
-        layer.nodes = [node]
-        layer.inits = inits
-        layer.function = fn
-        layer.bytes_before = int(w.nbytes)
-        layer.bytes_after = int(sum(np.asarray(a).nbytes for a in inits.values()))
-        row = {
-            "mode": self.qopts.mode,
-            "bits": bits,
-            "codebook": kind if granularity is None else f"{kind}-{granularity}",
-            "storage": "nm-compressed" if storage == "compressed" else "dense",
-            "channel_axis": axis,
-            "weight_sqnr_db": _finite_or_none(qm.sqnr_db(w32, decoded.astype(np.float32)), 2),
-            "bytes_before": layer.bytes_before,
-            "bytes_after": layer.bytes_after,
-            "packing": {"code_width": width, "layout": "planar"} | ({"position_width": compressed["pos_width"]} if storage == "compressed" else {}),
-            "initializers": names,
-            "decode_function": f"{FUNCTION_DOMAIN}.{fn}",
-        }
-        if storage == "compressed":
-            row["nm"] = {"n": self.qopts.pattern[0], "m": self.qopts.pattern[1], "axis": target.primary.red_axis}
-        if scale is not None:
-            s_ = np.asarray(scale, dtype=np.float32).reshape(-1)
-            row["weight_scale_min"] = float(s_.min())
-            row["weight_scale_max"] = float(s_.max())
-        if "compressed" in builds:
-            row["serialized_bytes"] = {"dense": builds["dense"][3], "nm-compressed": builds["compressed"][3]}
-        layer.row = row
+        sqnr = _finite_or_none(qm.sqnr_db(w32, decoded.astype(np.float32)), 2)
+
+        def finish(storage: str) -> None:
+            node, inits, fn, nbytes, names, sections = builds[storage]
+            self.namer.taken.update(inits)
+            self.namer.taken.add(node.name)
+            layer.nodes = [node]
+            layer.inits = inits
+            layer.function = fn
+            layer.bytes_before = int(w.nbytes)
+            layer.bytes_after = int(sum(np.asarray(a).nbytes for a in inits.values()))
+            packing: dict[str, Any] = {"code_width": width, "layout": "planar", "sections": sections}
+            if storage == "compressed":
+                if compressed["positions"][0] == "positional":
+                    packing["position_width"] = compressed["positions"][1]
+                else:
+                    packing["position_patterns"] = math.comb(self.qopts.pattern[1], self.qopts.pattern[0])
+                    packing["patterns_per_byte"] = radix_planes(packing["position_patterns"])
+            row = {
+                "mode": self.qopts.mode,
+                "bits": bits,
+                "codebook": kind if granularity is None else f"{kind}-{granularity}",
+                "storage": "nm-compressed" if storage == "compressed" else "dense",
+                "channel_axis": axis,
+                "weight_sqnr_db": sqnr,
+                "bytes_before": layer.bytes_before,
+                "bytes_after": layer.bytes_after,
+                "packing": packing,
+                "initializers": names,
+                "decode_function": f"{FUNCTION_DOMAIN}.{fn}",
+            }
+            if table_axis is not None:
+                row["table"] = {"gather_axis": table_axis}
+            if storage == "compressed":
+                row["nm"] = {"n": self.qopts.pattern[0], "m": self.qopts.pattern[1], "axis": target.primary.red_axis}
+            if scale_t is not None:
+                eff = np.asarray(scale_t, np.float64).reshape(-1)
+                if scale_t.dtype == np.uint8:  # the real scale is q times the unit held in the codebook
+                    eff = eff * unit
+                    row["scale_encoding"] = "uint8 per channel; the codebook holds the unit"
+                row["weight_scale_min"] = float(eff.min())
+                row["weight_scale_max"] = float(eff.max())
+            if "compressed" in builds:
+                row["serialized_bytes"] = {"dense": builds["dense"][3], "nm-compressed": builds["compressed"][3]}
+            layer.row = row
+
+        layer.pending = ({k: (v[2], v[3]) for k, v in builds.items()}, finish)
         return layer
+
+    def _choose_storage(self) -> None:
+        """Dense or N:M-compressed storage per layer, counting each decoding function once.
+
+        "compressed" / "dense" take that storage wherever it exists. "auto" starts with
+        each layer's smaller serialized form, then moves every layer of one decoding
+        function to its other storage where that makes the file smaller, the function's
+        bytes counted (a layout used by one small layer costs more than its codes save).
+        """
+        pending = [l for l in self.layers if l.pending is not None]
+        mode = self.qopts.nm_storage
+        choice = {}
+        for i, l in enumerate(pending):
+            opts = l.pending[0]
+            if "compressed" in opts and (mode == "compressed" or (mode == "auto" and opts["compressed"][1] < opts["dense"][1])):
+                choice[i] = "compressed"
+            else:
+                choice[i] = "dense"
+        fbytes = {name: f.ByteSize() for name, f in self.functions.items()}
+
+        def total(ch: dict) -> int:
+            used = {pending[i].pending[0][st][0] for i, st in ch.items()}
+            return sum(pending[i].pending[0][st][1] for i, st in ch.items()) + sum(fbytes[f] for f in used)
+
+        if mode == "auto":
+            for _ in range(len(self.functions) + 1):
+                best, best_total = None, total(choice)
+                for fn in sorted({pending[i].pending[0][st][0] for i, st in choice.items()}):
+                    members = [i for i, st in choice.items() if pending[i].pending[0][st][0] == fn]
+                    if not all(len(pending[i].pending[0]) == 2 for i in members):
+                        continue
+                    trial = dict(choice)
+                    for i in members:
+                        trial[i] = "dense" if choice[i] == "compressed" else "compressed"
+                    t = total(trial)
+                    if t < best_total:
+                        best, best_total = trial, t
+                if best is None:
+                    break
+                choice = best
+        for i, l in enumerate(pending):
+            l.pending[1](choice[i])
+            l.pending = None
 
     @staticmethod
     def _variant(codes, book, scale, offsets, axis, dtype, bshape, half_side: bool = True) -> tuple:
         """(codes uint8, codebook and scale as stored, offsets, what the graph decodes in ``dtype``).
 
-        Codebooks and scales of float32 weights are stored as float16 where every
-        value is 0 or a normal float16 (relative rounding <= 2^-11: about 66 dB,
-        against the ~20 dB of 4-bit codes), halving the side information; the
-        graph casts them back before use, and ``decoded`` is what it computes.
+        Codebooks of float32 weights are stored as float16 where the rounding is within
+        2^-11 of each codebook's largest level (about 66 dB, against the ~20 dB of 4-bit
+        codes), halving the side information; the graph casts them back before use, and
+        ``decoded`` is what it computes. A uint8 scale (``_uint8_scales``) is cast to the
+        weight's dtype and multiplied in; a float scale keeps the weight's dtype.
         """
         codes = np.asarray(codes, dtype=np.uint8)
-        book32 = np.asarray(book, dtype=np.float32).reshape(-1)
-        side = dtype
-        if half_side and dtype == np.float32:
-            vals = [book32] + ([np.asarray(scale, np.float32).reshape(-1)] if scale is not None else [])
-            if all(np.all((v == 0) | ((np.abs(v) >= 2.0**-14) & (np.abs(v) <= 65504))) for v in vals):
-                side = np.dtype(np.float16)
-        book_t = book32.astype(dtype).astype(side)
+        book = np.asarray(book, dtype=np.float64)
+        rows = book.shape[0] if book.ndim == 2 else 1
+        book = book.reshape(-1)
+        side = np.dtype(dtype)
+        if half_side and dtype == np.float32 and _fits_half(book.astype(np.float32), rows):
+            side = np.dtype(np.float16)
+        book_t = book.astype(dtype).astype(side)
         idx = codes.astype(np.int64)
         if offsets is not None:
             idx = idx + offsets.astype(np.int64)
         decoded = book_t[idx].astype(dtype)
         scale_t = None
         if scale is not None:
-            scale_t = np.asarray(scale, dtype=dtype).astype(side)
+            scale_t = np.asarray(scale) if np.asarray(scale).dtype == np.uint8 else np.asarray(scale, dtype=dtype)
             if axis is not None and scale_t.ndim:
                 scale_t = scale_t.reshape(bshape)
             decoded = (decoded * scale_t.astype(dtype)).astype(dtype)
         return codes, book_t, scale_t, offsets, decoded
 
     def _build(self, target: Target, storage: str, codes, width, book_t, scale_t, offsets, axis, comp, wdtype):
-        """(node, initializers, function name, serialized bytes, initializer names) for one storage."""
+        """(node, initializers, function name, serialized bytes, initializer names, sections) for one storage."""
         W = target.weight
         shape = list(codes.shape)
         names: dict[str, str] = {}
@@ -1510,51 +1889,56 @@ class _Codebook:
             names[key] = name
             return name
 
-        def packed(key: str, values: np.ndarray, w: int) -> list[str]:
-            flat = values.reshape(-1)
-            p = pack_planar(flat, w)
-            if w == 8:
-                return [fresh(key, p)]
-            return [fresh(key, p.reshape(1, -1)), self._shared("count", [flat.size])]
-
-        aux_kind = "offsets" if offsets is not None else "scale" if scale_t is not None else "none"
-        dt = helper.np_dtype_to_tensor_dtype(np.dtype(wdtype))
-        side = helper.np_dtype_to_tensor_dtype(book_t.dtype)
+        if offsets is not None:
+            aux_kind = "offsets"
+        elif scale_t is None:
+            aux_kind = "none"
+        else:
+            aux_kind = "qscale" if scale_t.dtype == np.uint8 else "scale"
+        merged = self.packed
         if storage == "dense":
-            c = packed("codes", codes, width)
-            book = fresh("codebook", book_t)
-            aux = [] if aux_kind == "none" else [
-                fresh("codebook_offsets" if offsets is not None else "scale", offsets if offsets is not None else scale_t)]
-            fn = self._function("dense", width, 0, 0, aux_kind, dt, side)
-            inputs = c + [self._shared("shape", shape), book] + aux
+            layout = _Layout("dense", width, aux_kind, helper.np_dtype_to_tensor_dtype(np.dtype(wdtype)),
+                             helper.np_dtype_to_tensor_dtype(book_t.dtype), len(shape), axis, merged)
+            parts = [("codes", pack_radix(codes, 1 << width))]
         else:
             r = comp["red_axis"]
-            c = packed("codes", comp["codes"], width)
-            pp = packed("positions", comp["positions"], comp["pos_width"])
-            book = fresh("codebook", book_t)
-            # per-channel aux in the kept layout (the reduction axis split in two: groups, kept)
-            oa = axis
-            aux = []
-            if aux_kind != "none":
-                aux_arr = offsets if offsets is not None else scale_t
-                if aux_arr.ndim:
-                    kshape = [1] * (len(shape) + 1)
-                    if oa is not None:
-                        kshape[oa if oa < r else oa + 1] = -1
-                    aux_arr = aux_arr.reshape(kshape)
-                aux = [fresh("codebook_offsets" if offsets is not None else "scale", aux_arr)]
-            fn = self._function("nm", width, comp["pos_width"], r + 1, aux_kind, dt, side)
-            inputs = c + [self._shared("shape", comp["kept_shape"])] + pp + [self._shared("shape", comp["group_shape"]),
-                                                                           self._shared("shape", shape), book] + aux
+            layout = _Layout("nm", width, aux_kind, helper.np_dtype_to_tensor_dtype(np.dtype(wdtype)),
+                             helper.np_dtype_to_tensor_dtype(book_t.dtype), len(shape), axis, merged, r,
+                             self.qopts.pattern[0], self.qopts.pattern[1], comp["positions"])
+            parts = [("codes", pack_radix(comp["codes"], 1 << width)), ("positions", pack_radix(comp["position_values"], comp["radix"]))]
+        aux_arr = offsets if offsets is not None else scale_t
+        if aux_kind == "qscale" and merged:
+            parts.append(("scale", np.asarray(scale_t, np.uint8).reshape(-1)))
+        sections, start = {}, 0
+        for key, arr in parts:
+            sections[key] = [start, start + int(arr.size)]
+            start += int(arr.size)
+        data = fresh("codes", np.concatenate([a for _, a in parts]) if len(parts) > 1 else parts[0][1])
+        book = fresh("codebook", book_t)
+        aux = []
+        if layout.separate_aux:
+            if storage != "dense" and aux_arr.ndim:
+                # per-channel aux in the kept layout (the reduction axis split in two: groups, kept)
+                kshape = [1] * (len(shape) + 1)
+                if axis is not None:
+                    kshape[axis if axis < comp["red_axis"] else axis + 1] = -1
+                aux_arr = aux_arr.reshape(kshape)
+            aux = [fresh("codebook_offsets" if offsets is not None else "scale", aux_arr)]
+        fn = self._function(layout)
+        inputs = [data, self._shared("shape", shape), book] + aux
         node = helper.make_node(fn, inputs, [W], name=self._peek(f"{W}_decode"), domain=FUNCTION_DOMAIN)
         nbytes = node.ByteSize() + sum(numpy_helper.from_array(np.asarray(a), k).ByteSize() for k, a in inits.items())
-        return node, inits, fn, nbytes, names
+        return node, inits, fn, nbytes, names, sections
 
     def _compressed(self, target: Target, w32: np.ndarray, codes: np.ndarray) -> dict | None:
         """Kept codes and positions when the weight is N:M along its reduction axis, else None.
 
         Layout: the reduction axis r of the weight is split into (groups, M); the kept codes
-        and their positions in the group are stored as shape[:r] + [groups, N] + shape[r+1:].
+        are stored as shape[:r] + [groups, N] + shape[r+1:]. Positions: where the C(M, N)
+        patterns of a group pack tighter than N positions of ceil(log2 M) bits (2:4: 6
+        patterns, three groups a byte, 2.67 bits a group instead of 4), one pattern index
+        per group (lexicographic order of the sorted positions; the layout of the codes
+        without their N axis), else each kept weight's position.
         """
         pat = self.qopts.pattern
         if pat is None or len(target.uses) != 1 or target.primary.chain:
@@ -1576,10 +1960,27 @@ class _Codebook:
         order = np.argsort(~nz, axis=r + 1, kind="stable")
         pos = np.sort(np.take(order, np.arange(n_keep), axis=r + 1), axis=r + 1)
         kcodes = np.take_along_axis(codes.reshape(gshape), pos, axis=r + 1).astype(np.uint8)
+        pos_width = code_field_width(max(1, math.ceil(math.log2(m))))
+        patterns = math.comb(m, n_keep)
+        if patterns <= 256 and 8 / radix_planes(patterns) < n_keep * pos_width:
+            combos = np.array(list(itertools.combinations(range(m), n_keep)), np.int64)
+            rows = np.moveaxis(pos.astype(np.int64), r + 1, -1)
+            if m ** n_keep < 2**62:
+                # lexicographic rank of each group's sorted positions, by a base-m key
+                place = m ** np.arange(n_keep - 1, -1, -1, dtype=np.int64)
+                rank = np.searchsorted(combos @ place, rows @ place)
+            else:  # the base-m key would overflow int64 (e.g. 31:32): look the distinct rows up
+                uniq, inv = np.unique(rows.reshape(-1, n_keep), axis=0, return_inverse=True)
+                lookup = {c: i for i, c in enumerate(map(tuple, combos.tolist()))}
+                rank = np.array([lookup[tuple(u)] for u in uniq.tolist()], np.int64)[inv.reshape(-1)].reshape(rows.shape[:-1])
+            positions, values, radix = ("pattern", n_keep, m), rank, patterns
+        else:
+            positions, values, radix = ("positional", pos_width), pos, 1 << pos_width
         return {
             "codes": kcodes,
-            "positions": pos.astype(np.uint8),
-            "pos_width": code_field_width(max(1, math.ceil(math.log2(m)))),
+            "positions": positions,
+            "position_values": values,
+            "radix": radix,
             "kept_shape": shape[:r] + [G, n_keep] + shape[r + 1 :],
             "group_shape": gshape,
             "red_axis": r,
@@ -1597,10 +1998,15 @@ class _Codebook:
             inits.update(l.inits)
             removed.add(l.target.weight)
             functions[l.function] = self.functions[l.function]
-            for node in l.nodes:
-                for i in node.input:
-                    if i in self.shared:
-                        inits[i] = self.shared[i]
+        if active and self.params_edit is not None:
+            nodes, p_inits, _ = self.params_edit
+            head.extend(nodes)
+            inits.update(p_inits)
+            removed.update(self.params)
+        for node in head:
+            for i in node.input:
+                if i in self.shared:
+                    inits[i] = self.shared[i]
         nodes = head + [self._copy(n) for n in self.base_nodes]
         opset = self.opset_new if active else None
         return _GraphEdit(nodes, inits, removed, opset, set(removed), functions=list(functions.values()),
@@ -1611,6 +2017,26 @@ class _Codebook:
         n = onnx.NodeProto()
         n.CopyFrom(node)
         return n
+
+
+def _uint8_scales(w: np.ndarray, axis: int) -> tuple[np.ndarray, float]:
+    """Per-channel scales as uint8 multiples of one unit: (q [C] uint8 >= 1, unit).
+
+    unit = max|w| / 255 and q[c] = ceil(max|w[c]| / unit), so every channel's
+    values divided by its scale q[c] * unit lie in [-1, 1]; the k-means runs on
+    those normalized values (weighted by the scale squared, so it minimizes the
+    error of the real weights), so a coarse q costs only a little of the
+    normalization, never accuracy of the decode. One byte per channel instead of a
+    float16 scale; the unit is folded into the codebook.
+    """
+    C = w.shape[axis]
+    wc = np.abs(np.moveaxis(w, axis, 0).reshape(C, -1).astype(np.float64))
+    amax = wc.max(axis=1) if wc.shape[1] else np.zeros(C)
+    top = float(amax.max()) if C else 0.0
+    if not top > 0:
+        return np.ones(C, np.uint8), 1.0
+    unit = top / 255.0
+    return np.clip(np.ceil(amax / unit), 1, 255).astype(np.uint8), unit
 
 
 # --------------------------------------------------------------------------- the pass
@@ -1713,6 +2139,7 @@ class Quantize(Pass):
         if qopts.mode == "int8":
             pts = impl.points(impl.active(float_set))
         float_layers = []
+        tables = []
         before = after = 0
         for l in layers:
             t = l.target
@@ -1726,12 +2153,15 @@ class Quantize(Pass):
                     row["bits"] = None
             if t.name in sens:
                 row["sensitivity"] = {"output_error_if_float": sens[t.name], "output_error_all_quantized": err_all["one_minus_cosine"]}
-            if reason:
-                float_layers.append({"name": t.name, "reason": reason})
-            else:
+            if not reason:
                 b, a = self._bytes(ctx.model, l, qopts.mode)
                 before += b
                 after += a
+            if getattr(l, "table", False):  # a Gather table: listed in the summary, not a layer row
+                tables.append({"name": t.name, "tensor": t.weight, **row})
+                continue
+            if reason:
+                float_layers.append({"name": t.name, "reason": reason})
             rep = ctx.layer(t.name)
             rep["quant"] = row
             if "zeros_after" not in rep:
@@ -1747,7 +2177,7 @@ class Quantize(Pass):
             "activations": "int8 symmetric per-tensor (zero point 0)" if qopts.mode == "int8" else None,
             "weights": ("int8 symmetric per-channel" if getattr(impl, "per_channel", False) else "int8 symmetric per-tensor")
             if qopts.mode == "int8" else f"{qopts.bits}-bit {qopts.mode} codes",
-            "quantized_layers": len(layers) - len(float_layers),
+            "quantized_layers": sum(1 for l in layers if not getattr(l, "table", False)) - len(float_layers),
             "float_layers": float_layers,
             "weight_bytes_before": before,
             "weight_bytes_after": after,
@@ -1762,6 +2192,10 @@ class Quantize(Pass):
             "evaluations": evaluator.runs if evaluator is not None else 0,
             "opset_raised_to": final_edit.opset,
         }
+        if qopts.mode != "int8":
+            summary["tables"] = tables
+            params = impl.params_edit[2] if impl.params_edit is not None and impl.params and final_edit.functions else None
+            summary["float16_parameters"] = dict(params, names=list(impl.params)) if params else None
         if qopts.mode == "int8" and not impl.per_channel:
             notes.append(f"quantize: opset {opset_version(ctx.model.model)} < 13 could not be raised safely: per-tensor weight scales")
         if qopts.mode != "int8" and not impl.packed:
@@ -1769,7 +2203,7 @@ class Quantize(Pass):
         if qopts.mode != "int8" and not impl.can_scatter and qopts.pattern is not None:
             notes.append("quantize: opset < 11 could not be raised safely: no N:M-compressed storage (needs ScatterElements)")
         ctx.artifacts["quantization"] = summary
-        return PassResult(bool(len(layers) - len(float_layers)), notes)
+        return PassResult(bool(summary["quantized_layers"]) or any("float" not in t for t in summary.get("tables") or ()), notes)
 
     @staticmethod
     def _bytes(loaded, layer, mode: str) -> tuple[int, int]:

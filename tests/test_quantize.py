@@ -335,25 +335,37 @@ def test_planar_packing_roundtrip():
 
 def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
     """Decode the stored codes with numpy alone, from the names and layout in the report row."""
-    names = q["initializers"]
-    width = q["packing"]["code_width"]
+    import itertools
 
-    def unpack(packed, count, w):
-        packed = packed.reshape(-1)
-        f = 8 // w
-        planes = [(packed >> (j * w)) & ((1 << w) - 1) for j in range(f)]
-        return np.concatenate(planes)[:count]
+    names = q["initializers"]
+    packing = q["packing"]
+    width = packing["code_width"]
+    data = inits[names["codes"]].reshape(-1)
+    sections = {k: data[a:b] for k, (a, b) in packing["sections"].items()}
+
+    def unpack(packed, count, radix):  # base-radix digits, planar: byte i = sum_j v[j*P + i] * radix^j
+        f = 1
+        while radix ** (f + 1) <= 256:
+            f += 1
+        p = packed.reshape(-1).astype(np.int64)
+        return np.concatenate([(p // radix**j) % radix for j in range(f)])[:count]
 
     if q["storage"] == "dense":
-        codes = unpack(inits[names["codes"]], int(np.prod(shape)), width).reshape(shape)
+        codes = unpack(sections["codes"], int(np.prod(shape)), 1 << width).reshape(shape)
     else:
         # the reduction axis r split into (groups, M); N codes and positions kept per group
         n, m, r = q["nm"]["n"], q["nm"]["m"], q["nm"]["axis"]
         g = shape[r] // m
         kept_shape = list(shape[:r]) + [g, n] + list(shape[r + 1 :])
         count = int(np.prod(kept_shape))
-        kept = unpack(inits[names["codes"]], count, width).reshape(kept_shape)
-        pos = unpack(inits[names["positions"]], count, q["packing"]["position_width"]).reshape(kept_shape)
+        kept = unpack(sections["codes"], count, 1 << width).reshape(kept_shape)
+        if "position_width" in packing:
+            pos = unpack(sections["positions"], count, 1 << packing["position_width"]).reshape(kept_shape)
+        else:  # one index per group into the sorted patterns, groups in the kept layout without its N axis
+            table = np.array(list(itertools.combinations(range(m), n)))
+            assert len(table) == packing["position_patterns"]
+            pattern = unpack(sections["positions"], count // n, len(table)).reshape(list(shape[:r]) + [g] + list(shape[r + 1 :]))
+            pos = np.moveaxis(table[pattern], -1, r + 1)
         groups = np.zeros(list(shape[:r]) + [g, m] + list(shape[r + 1 :]), np.uint8)  # code 0 decodes to 0
         np.put_along_axis(groups, pos.astype(np.int64), kept, axis=r + 1)
         codes = groups.reshape(shape)
@@ -364,7 +376,9 @@ def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
     if book.size > (1 << q["bits"]):  # one codebook per channel
         idx = idx + (np.arange(shape[axis]) * (1 << q["bits"])).reshape(bshape)
     vals = book[idx]
-    if "scale" in names:
+    if "scale" in sections:  # uint8 per-channel scale in the data; the codebook holds the unit
+        vals = vals * sections["scale"].astype(np.float32).reshape(bshape)
+    elif "scale" in names:
         s = inits[names["scale"]].astype(np.float32)
         vals = vals * (s.reshape(bshape) if s.ndim else s)
     return vals.astype(np.float32)
@@ -419,9 +433,9 @@ def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, gr
         else:  # float16 side information for float32 weights, cast back in the graph
             assert inits[q["initializers"]["codebook"]].dtype == np.float16
             assert q["codebook"] == f"kmeans-{granularity}" or granularity == "auto"
-            assert ("scale" in q["initializers"]) == (q["codebook"] == "kmeans-tensor")
-            if "scale" in q["initializers"]:
-                assert inits[q["initializers"]["scale"]].dtype == np.float16
+            # one codebook over per-channel scales: a uint8 scale per channel in the code data
+            assert ("scale" in q["packing"]["sections"]) == (q["codebook"] == "kmeans-tensor")
+            assert "scale" not in q["initializers"]
         compressed += q["storage"] == "nm-compressed"
     assert compressed == (4 if storage == "compressed" else 0)  # conv1 (reduction 1) is not 2:4
     assert ctx.artifacts["quantization"]["weight_bytes_after"] < 0.2 * ctx.artifacts["quantization"]["weight_bytes_before"]
