@@ -48,6 +48,8 @@ class CompileOptions:
     bits: int = 4
     calib_method: str = "auto"
     max_error: float | None = None
+    float16_params: bool = True  # log / lut: biases and norm parameters stored as float16 where within 2^-11
+    quantize_tables: bool = True  # log / lut: code large Gather tables (embeddings) like weights
 
     def __post_init__(self) -> None:
         """Option combinations that cannot work are the user's to fix: fail before any work."""
@@ -94,7 +96,8 @@ class CompileOptions:
             "permute": self.permute,
             "quantize": None
             if self.quantize is None
-            else {"mode": self.quantize, "bits": 8 if self.quantize == "int8" else self.bits, "calib_method": self.calib_method, "max_error": self.max_error},
+            else {"mode": self.quantize, "bits": 8 if self.quantize == "int8" else self.bits, "calib_method": self.calib_method, "max_error": self.max_error}
+            | ({} if self.quantize == "int8" else {"float16_params": self.float16_params, "quantize_tables": self.quantize_tables}),
             "exclude": list(self.exclude),
             "calibration": None
             if self.calib is None
@@ -210,6 +213,8 @@ def compile_model(
     max_error: float | None = None,
     stats_budget_mb: float | None = None,
     sensitivity: bool = False,
+    float16_params: bool = True,
+    quantize_tables: bool = True,
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -233,6 +238,8 @@ def compile_model(
         max_error=max_error,
         stats_budget_mb=stats_budget_mb,
         quant_sensitivity=True if sensitivity else None,
+        float16_params=float16_params,
+        quantize_tables=quantize_tables,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)

@@ -259,3 +259,18 @@ def test_verify_bench_bad_input(run_cli, tmp_path, model_path):
     assert_bad_input(run_cli, tmp_path, "verify", model_path, tmp_path / "missing.onnx")
     assert_bad_input(run_cli, tmp_path, "bench", tmp_path / "missing.onnx")
     assert_bad_input(run_cli, tmp_path, "bench", model_path, "--batch-sizes", "0")
+
+
+def test_lut_opt_outs_keep_tables_and_parameters_float(run_cli, tmp_path):
+    import json
+
+    src = tmp_path / "b.onnx"
+    onnx.save(zoo.bert_encoder(), str(src))
+    reports = {}
+    for tag, flags in (("default", ()), ("float", ("--no-float16-params", "--no-code-tables"))):
+        code, _, err = run_cli(src, "--pattern", "none", "--quantize", "lut", "-o", tmp_path / f"{tag}.onnx", *flags)
+        assert code == 0, err
+        reports[tag] = json.loads((tmp_path / f"{tag}.report.json").read_text())["quantization"]
+    assert len(reports["default"]["tables"]) == 1 and reports["default"]["float16_parameters"]["tensors"] > 0
+    assert not reports["float"]["tables"] and reports["float"]["float16_parameters"] is None
+    assert (tmp_path / "float.onnx").stat().st_size > (tmp_path / "default.onnx").stat().st_size
