@@ -468,6 +468,27 @@ def default_stats_budget(loaded) -> int:
     return int(min(max(weights, 64 << 20), 512 << 20))
 
 
+def plan_chunks(ordered: list[Target], budget: int) -> list[list[Target]]:
+    """Consecutive runs of ``ordered`` whose statistics fit ``budget`` bytes. Layers
+    reading the same input (Q, K and V) share one Gram, counted once per chunk."""
+    from .statistics import stats_nbytes
+
+    chunks, current, used, seen = [], [], 0, set()
+    for t in ordered:
+        keys = {layer_spec(u, t.name).key() for u in t.uses}
+        cost = stats_nbytes(*gram_shape(t)) * len(keys - seen)
+        if current and cost and used + cost > budget:  # a Gram already in the chunk costs nothing
+            chunks.append(current)
+            current, used, seen = [], 0, set()
+            cost = stats_nbytes(*gram_shape(t)) * len(keys)
+        current.append(t)
+        used += cost
+        seen |= keys
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 class Calibrate(Pass):
     """Statistics, calibration-aware masks and AdaPrune, in chunks of layers whose Gram
     matrices fit the memory budget; a chunk's Grams are freed once its layers are re-fitted.
@@ -490,8 +511,6 @@ class Calibrate(Pass):
 
     def run(self, ctx: CompileContext) -> PassResult:
         from .nm_mask import NMMask
-        from .statistics import stats_nbytes
-
         return_large_blocks_to_os()
         fit = mask_uncalibratable(ctx)
         ctx.artifacts.setdefault("stats", {})
@@ -499,16 +518,7 @@ class Calibrate(Pass):
         budget = self.budget_bytes if self.budget_bytes is not None else default_stats_budget(ctx.model)
         upstream = upstream_targets(fit, ctx.model.model.graph)
         ordered = [t for wave in reversed(levels_from(fit, upstream)) for t in wave]
-        chunks, current, used = [], [], 0
-        for t in ordered:
-            cost = stats_nbytes(*gram_shape(t)) * len(t.uses)
-            if current and used + cost > budget:
-                chunks.append(current)
-                current, used = [], 0
-            current.append(t)
-            used += cost
-        if current:
-            chunks.append(current)
+        chunks = plan_chunks(ordered, budget)
         # a chunk may not read through a layer an earlier chunk compressed
         done: set[str] = set()
         reads_compressed = False

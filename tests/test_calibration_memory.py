@@ -302,3 +302,37 @@ def test_runs_are_sized_by_the_intermediates_ort_computes():
     conv_out = next(n.output[0] for n in model.graph.node if n.name == "conv")
     assert st._largest_activation(model, [stem_out]) == 32 * 8 * 8 * 4
     assert st._largest_activation(model, [conv_out]) == 64 * 8 * 8 * 4  # the deeper request passes the wider map
+
+
+def test_chunks_count_a_shared_gram_once():
+    from nmcompile.passes.base import CompileContext
+    from nmcompile.passes.canonicalize import canonicalize_passes
+    from nmcompile.passes.targets import FindTargets
+    from nmcompile.pipeline import CompileOptions
+
+    model = modelzoo.bert_encoder(layers=1, hidden=64, heads=4)
+    ctx = CompileContext(model=_loaded(model), options=CompileOptions(pattern="2:4"))
+    for p in canonicalize_passes() + [FindTargets()]:
+        p(ctx)
+    targets = [t for t in ctx.artifacts["targets"] if not t.skip and ad.calibratable(t) is None]
+    qkv = [t for t in targets if gram_key(t) == gram_key(targets[0])]
+    assert len(qkv) == 3  # the attention projections read one input
+    one = st.stats_nbytes(*ad.gram_shape(qkv[0]))
+    chunks = ad.plan_chunks(qkv, one)
+    assert chunks == [qkv]  # one Gram's worth of budget holds all three
+    assert ad.plan_chunks(qkv, one - 1) == [qkv]  # a chunk never comes out empty either
+    other = [t for t in targets if gram_key(t) != gram_key(qkv[0]) and ad.gram_shape(t) == ad.gram_shape(qkv[0])][:1]
+    assert other and ad.plan_chunks(qkv + other, one) == [qkv, other]  # another input: its own Gram
+
+
+def gram_key(t):
+    return ad.layer_spec(t.primary, t.name).key()
+
+
+def _loaded(model):
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp())
+    onnx.save(model, str(folder / "m.onnx"))
+    return graphio.load_model(folder / "m.onnx")
