@@ -13,7 +13,6 @@ import numpy as np
 from nmcompile.passes.adaprune import (
     MASK_SCORES,
     Calibrate,
-    KeepDenseWeights,
     SequentialCalibration,
 )
 from nmcompile.passes.base import CompileContext, PassManager
@@ -169,7 +168,7 @@ def build_pipeline(options: CompileOptions) -> PassManager:
 
         passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
     if calibrated and options.sequential_calib:
-        passes += [KeepDenseWeights(), SequentialCalibration(options.mask_score, options.adaprune, options.damp)]
+        passes.append(SequentialCalibration(options.mask_score, options.adaprune, options.damp))
     elif calibrated:
         passes.append(Calibrate(options.mask_score, options.adaprune, options.damp, None if options.stats_budget_mb is None else int(options.stats_budget_mb * 2**20)))
     elif pruning:

@@ -604,7 +604,7 @@ class SequentialCalibration(Pass):
     compressed, fitted to the dense model's outputs (W' x_s ≈ W x_d), so errors do not pile up."""
 
     name = "sequential-calibration"
-    requires = ("targets", "calib_batches", "dense_weights")
+    requires = ("targets", "calib_batches")
     provides = ("masks",)
 
     def __init__(self, mask_score: str, refit: bool, damp: float = 0.01):
@@ -621,7 +621,10 @@ class SequentialCalibration(Pass):
         dense = dense_snapshot(loaded)
         fit = mask_uncalibratable(ctx)
         levels = dependency_levels(fit, loaded.model.graph)
+        dense_weights = ctx.artifacts.setdefault("dense_weights", {})
         for wave in ctx.progress(levels, desc="layer waves"):
+            # the wave's dense weights only: the snapshot keeps the rest for the dense runs
+            KeepDenseWeights(only=wave).run(ctx)
             specs, weights = [], {}
             for t in wave:
                 dense_blocks = row_blocks(ctx.artifacts["dense_weights"][t.name], t.primary)
@@ -650,6 +653,7 @@ class SequentialCalibration(Pass):
                 if self.refit:
                     self._refit(ctx, t, wt, per_use)
                 scores.pop(t.name, None)
+                dense_weights.pop(t.name, None)
             release_free_memory()
         return PassResult(True)
 
