@@ -178,7 +178,9 @@ def target_weights(h: np.ndarray, target: np.ndarray, damp: float) -> np.ndarray
     from .adaprune_solver import damp_in_place
 
     try:
-        c = scipy.linalg.cho_factor(damp_in_place(h, damp), overwrite_a=True, check_finite=False)
+        # h is C-ordered and symmetric: its transpose is a Fortran-ordered view that
+        # LAPACK factors in place (a C-ordered array would be copied first)
+        c = scipy.linalg.cho_factor(damp_in_place(h, damp).T, lower=True, overwrite_a=True, check_finite=False)
         return scipy.linalg.cho_solve(c, target.astype(h.dtype), check_finite=False).T.astype(np.float64)
     except np.linalg.LinAlgError:  # no damping and dead inputs: least squares
         return np.linalg.lstsq(h.astype(np.float64), target, rcond=None)[0].T
@@ -320,6 +322,8 @@ def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
     index = GraphIndex(graph)
     node = use.node
     out_c = delta.shape[0]
+    if node.op_type == "Gemm":  # Y = alpha·A·B + beta·C: the weight's share of the output is scaled by alpha
+        delta = delta * attr(node, "alpha", 1.0)
     if node.op_type in ("Conv", "Gemm"):
         if len(node.input) > 2 and node.input[2] and node.input[2] in index.initializers and len(index.uses(node.input[2])) == 1:
             bias = np.asarray(loaded.array(node.input[2]))
@@ -346,7 +350,8 @@ def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
             other = add.input[1 - consumers[0][1]]
             if other in index.initializers and len(index.uses(other)) == 1:
                 bias = np.asarray(loaded.array(other))
-                if bias.shape[-1:] == (out_c,) and bias.size == out_c:
+                along = _bias_shape(use, out_c)  # the output channels' axis: last, or second-to-last for Y = W·X
+                if bias.shape[-len(along):] == along and bias.size == out_c:
                     loaded.set_array(other, (bias.astype(np.float64) + delta.reshape(bias.shape)).astype(bias.dtype))
                     return
     # No bias to fold into: a new Add after the node.
@@ -362,6 +367,8 @@ def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
 def _bias_shape(use: Use, out_c: int) -> tuple[int, ...]:
     if use.op == "Conv":
         return (out_c,) + (1,) * (len(use.eff_shape) - 2)
+    if use.op == "MatMul" and use.slot == 0:  # Y = W·X: outputs run along Y's second-to-last axis
+        return (out_c, 1)
     return (out_c,)
 
 

@@ -223,3 +223,57 @@ def test_statistics_budget_chunks_give_the_same_model(tmp_path):
     for name in a:
         assert np.array_equal(a[name] == 0, b[name] == 0), name
         np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def _two_layer_model(kind: str, alpha: float = 1.0) -> onnx.ModelProto:
+    """x -> layer (output "a") -> Relu -> layer: weight-first MatMuls (Y = W·X), or Gemms with alpha."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((32, 16)).astype(np.float32)
+    w2 = rng.standard_normal((8, 32)).astype(np.float32)
+    if kind == "weight_first":  # x [N, 16, 6]: features on the second-to-last axis
+        nodes = [helper.make_node("MatMul", ["w1", "x"], ["a"], name="mm1"), helper.make_node("Relu", ["a"], ["r"]),
+                 helper.make_node("MatMul", ["w2", "r"], ["y"], name="mm2")]
+        x, y = ["N", 16, 6], ["N", 8, 6]
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], name="g1", transB=1, alpha=alpha),
+                 helper.make_node("Relu", ["a"], ["r"]),
+                 helper.make_node("Gemm", ["r", "w2"], ["y"], name="g2", transB=1, alpha=alpha)]
+        x, y = ["N", 16], ["N", 8]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+                              [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _with_output(path, name, out):
+    m = onnx.load(str(path))
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    onnx.save(m, str(out))
+    return out
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("kind,alpha", [("weight_first", 1.0), ("gemm", 0.5)])
+def test_bias_correction_keeps_the_output_mean(tmp_path, kind, alpha, sequential):
+    # the new bias runs along the output axis (second-to-last for Y = W·X) and
+    # undoes Gemm's alpha: the compiled model loads and keeps the first layer's
+    # mean output over the calibration data
+    import onnxruntime as ort
+
+    src = tmp_path / "m.onnx"
+    onnx.save(_two_layer_model(kind, alpha), str(src))
+    x = np.random.default_rng(4).standard_normal((64, 16, 6) if kind == "weight_first" else (256, 16)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    out = compile_model(src, output=tmp_path / "o.onnx", calib=tmp_path / "c.npz", sequential_calib=sequential)
+    first = next(row for row in out.report["layers"] if row["name"] in ("mm1", "g1"))
+    assert first["reconstruction_error_adaprune"] < first["reconstruction_error_masked"]
+
+    def first_layer_mean(path, probe):
+        sess = ort.InferenceSession(str(_with_output(path, "a", probe)), providers=["CPUExecutionProvider"])
+        a = sess.run(["a"], {"x": x})[0]
+        return a.mean(axis=(0, 2)) if kind == "weight_first" else a.mean(axis=0)
+
+    dense, compiled = first_layer_mean(src, tmp_path / "d.onnx"), first_layer_mean(out.paths.model, tmp_path / "p.onnx")
+    np.testing.assert_allclose(compiled, dense, atol=1e-4 * np.abs(dense).max())
