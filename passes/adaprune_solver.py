@@ -836,7 +836,6 @@ def channel_last_order(channels: int, kernel_shape) -> np.ndarray:
 # --------------------------------------------------------------------------- metrics
 
 
-@_single_threaded
 def _row_slices(rows: int, K: int, nbytes: int = 16 << 20):
     """Slices of rows of an (rows, K) operand of about ``nbytes`` in float64: the
     quadratic forms below then need no full-size float64 copy of their operands."""
@@ -858,6 +857,7 @@ def quadratic_trace(A: np.ndarray, H: np.ndarray, B: np.ndarray | None = None) -
     return total
 
 
+@_single_threaded
 def reconstruction_error(W: np.ndarray, W_new: np.ndarray, H: np.ndarray) -> float:
     """Relative output error ‖(W − W')X‖² / ‖W X‖² = tr(D H Dᵀ) / tr(W H Wᵀ),
     D = W − W'. Zero when ‖W X‖ is zero and D H Dᵀ is too; inf if only ‖W X‖ is."""

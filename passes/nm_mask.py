@@ -90,10 +90,15 @@ def prune_nm(weight: np.ndarray, n: int, m: int, axis: int, sequential: bool = F
         magnitude = np.abs(w3[block])
         choose(magnitude if s3 is None else s3[block], n, keep3[block])
         out = pruned3[block]
-        np.multiply(w3[block], keep3[block], out=out)
-        out += np.float32(0.0)  # -0.0 + 0.0 = +0.0: every dropped weight is a plain zero
-        total += float(magnitude.sum(dtype=np.float64))
-        np.multiply(magnitude, keep3[block], out=magnitude)
+        block_total = float(magnitude.sum(dtype=np.float64))
+        if np.isfinite(block_total):
+            np.multiply(w3[block], keep3[block], out=out)
+            out += np.float32(0.0)  # -0.0 + 0.0 = +0.0: every dropped weight is a plain zero
+            np.multiply(magnitude, keep3[block], out=magnitude)
+        else:  # inf or NaN weights: inf * 0 would be NaN, so select instead
+            np.copyto(out, np.where(keep3[block], w3[block], np.float32(0.0)))
+            magnitude = np.where(keep3[block], magnitude, np.float32(0.0))
+        total += block_total
         kept += float(magnitude.sum(dtype=np.float64))
     return pruned, keep, kept, total
 

@@ -889,7 +889,15 @@ class _Runner:
     def __call__(self, part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: part[k] for k in self.inputs if k in part}
         feed.update(self.weights)
-        return dict(zip(self.wanted, self.sess.run(self.wanted, feed)))
+        try:
+            return dict(zip(self.wanted, self.sess.run(self.wanted, feed)))
+        except MemoryError:
+            raise
+        except Exception as exc:  # e.g. token ids beyond the embedding table: the data's fault, said in one line
+            from nmcompile.errors import UserError
+
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"ONNX Runtime could not run the model on the calibration data: {first}") from None
 
 
 def _largest_activation(model: onnx.ModelProto, wanted: list[str]) -> int:
@@ -907,8 +915,13 @@ def _largest_activation(model: onnx.ModelProto, wanted: list[str]) -> int:
     m.graph.node.extend(g.node[i] for i in kept)
     m.graph.input.extend(g.input)
     declared = {vi.name for vi in g.input}
-    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer
-                         if t.name not in declared)
+    for t in g.initializer:
+        if t.name in declared:
+            continue
+        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and t.data_location != TensorProto.EXTERNAL and len(t.dims) <= 1:
+            m.graph.initializer.append(t)  # shape constants: Reshape targets (attention heads) become known
+        else:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(m)
     except Exception:  # a model shape inference cannot follow: size by the outputs alone

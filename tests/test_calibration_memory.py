@@ -336,3 +336,20 @@ def _loaded(model):
     folder = Path(tempfile.mkdtemp())
     onnx.save(model, str(folder / "m.onnx"))
     return graphio.load_model(folder / "m.onnx")
+
+
+def test_runs_split_by_requested_outputs_and_ort_intermediates():
+    class FakeRunner:  # requested outputs of 10 bytes per sample; ORT's largest intermediate 30 bytes
+        dynamic, largest = True, 30
+
+        def __call__(self, part):
+            return {"t": np.zeros((len(part["x"]), 10), np.uint8)}
+
+    batches = [{"x": np.arange(7)}, {"x": np.arange(7, 12)}]
+    # per sample 10 + 3 * 30 = 100 bytes: a 250-byte budget runs 2 samples at a time
+    sizes = [len(part["x"]) for part, _ in st._runs([FakeRunner()], batches, 250, False, "")]
+    assert sizes == [1, 2, 2, 2, 2, 2, 1]  # the first run sizes the rest
+    got = np.concatenate([part["x"] for part, _ in st._runs([FakeRunner()], batches, 250, False, "")])
+    assert np.array_equal(got, np.arange(12))
+    FakeRunner.largest = 0  # without intermediates the outputs alone: 25 samples fit
+    assert [len(p["x"]) for p, _ in st._runs([FakeRunner()], batches, 250, False, "")] == [1, 6, 5]

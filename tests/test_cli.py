@@ -274,3 +274,11 @@ def test_lut_opt_outs_keep_tables_and_parameters_float(run_cli, tmp_path):
     assert len(reports["default"]["tables"]) == 1 and reports["default"]["float16_parameters"]["tensors"] > 0
     assert not reports["float"]["tables"] and reports["float"]["float16_parameters"] is None
     assert (tmp_path / "float.onnx").stat().st_size > (tmp_path / "default.onnx").stat().st_size
+
+
+def test_calibration_data_the_model_cannot_run(run_cli, tmp_path):
+    # token ids beyond the embedding table fail inside ONNX Runtime: one line, exit 2
+    src = tmp_path / "b.onnx"
+    onnx.save(zoo.bert_encoder(layers=1, hidden=32, heads=2, vocab=64, seq=8), str(src))
+    np.savez(tmp_path / "c.npz", input_ids=np.full((4, 8), 10**6, np.int64))
+    assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", expect="could not run the model on the calibration data")

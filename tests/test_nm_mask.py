@@ -92,7 +92,7 @@ def test_prune_in_blocks_equals_one_block(monkeypatch, sequential, n, m):
     w = rng.standard_normal((6, 2 * m, 3, 3)).astype(np.float32)
     w[0] = np.round(w[0])  # ties
     whole = mod.prune_nm(w, n, m, axis=1, sequential=sequential)
-    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 3 * m)  # not a divisor of the group count
+    monkeypatch.setattr(mod, "_BLOCK_ELEMENTS", 5 * m * 9)  # blocks of 5 of the 12 group rows: 5, 5, 2
     blocked = mod.prune_nm(w, n, m, axis=1, sequential=sequential)
     for a, b in zip(whole[:2], blocked[:2]):
         assert np.array_equal(a, b)
@@ -122,3 +122,14 @@ def test_plain_compiles_do_not_load_numba(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_non_finite_weights_are_zeroed_not_nan():
+    from nmcompile.passes.nm_mask import prune_nm
+
+    w = np.array([[np.inf, 1.0, -np.inf, 2.0, 0.5, -0.25, 3.0, 1.0]], np.float32)
+    scores = np.array([[0, 1, 0, 2, 1, 0, 3, 1]], np.float32)  # the infinities lose
+    pruned, keep, kept, total = prune_nm(w, 2, 4, axis=1, scores=scores)
+    assert np.array_equal(keep, [[False, True, False, True, True, False, True, False]])
+    assert np.array_equal(pruned, np.where(keep, w, 0)) and not np.isnan(pruned).any()
+    assert kept == 6.5 and total == np.inf
