@@ -172,18 +172,20 @@ def narrow_wide_stats(stats: LayerStats) -> None:
 
 def target_weights(h: np.ndarray, target: np.ndarray, damp: float) -> np.ndarray:
     """(O, K) W̃ with (H + λI) W̃ᵀ = target, by a Cholesky factorisation done in h's
-    place (float32 for wide layers, like the other solves)."""
+    place (float32 for wide layers, like the other solves), single-threaded so the
+    rounding does not depend on the core count."""
     import scipy.linalg
 
-    from .adaprune_solver import damp_in_place
+    from .adaprune_solver import blas_single_thread, damp_in_place
 
-    try:
-        # h is C-ordered and symmetric: its transpose is a Fortran-ordered view that
-        # LAPACK factors in place (a C-ordered array would be copied first)
-        c = scipy.linalg.cho_factor(damp_in_place(h, damp).T, lower=True, overwrite_a=True, check_finite=False)
-        return scipy.linalg.cho_solve(c, target.astype(h.dtype), check_finite=False).T.astype(np.float64)
-    except np.linalg.LinAlgError:  # no damping and dead inputs: least squares
-        return np.linalg.lstsq(h.astype(np.float64), target, rcond=None)[0].T
+    with blas_single_thread():
+        try:
+            # h is C-ordered and symmetric: its transpose is a Fortran-ordered view that
+            # LAPACK factors in place (a C-ordered array would be copied first)
+            c = scipy.linalg.cho_factor(damp_in_place(h, damp).T, lower=True, overwrite_a=True, check_finite=False)
+            return scipy.linalg.cho_solve(c, target.astype(h.dtype), check_finite=False).T.astype(np.float64)
+        except np.linalg.LinAlgError:  # no damping and dead inputs: least squares
+            return np.linalg.lstsq(h.astype(np.float64), target, rcond=None)[0].T
 
 
 def stats_gram(stats: list[LayerStats]) -> GramSource:
@@ -690,7 +692,9 @@ class SequentialCalibration(Pass):
             del h
         WeightView(ctx.model, t.weight, use).write(from_row_blocks(new_blocks, use).astype(np.float32))
         for c, u in zip(per_use, t.uses):
-            delta = np.concatenate([w.astype(np.float64) @ c.mean_dense[g] - nb.astype(np.float64) @ c.stats.mean[g]
+            # W x̄_d − W' x̄_s, as sums of products (no BLAS threads: rounding independent of the core count)
+            delta = np.concatenate([np.einsum("ij,j->i", w.astype(np.float64), c.mean_dense[g])
+                                    - np.einsum("ij,j->i", nb.astype(np.float64), c.stats.mean[g])
                                     for g, (w, nb) in enumerate(zip(dense_blocks, new_blocks))])
             add_to_bias(ctx, u, delta)
         row = ctx.layer(t.name)

@@ -163,21 +163,34 @@ def parallel_matmul(A: np.ndarray, B: np.ndarray, out: np.ndarray | None = None,
                     workers: int | None = None) -> np.ndarray:
     """``A @ B`` with the rows of A split over worker threads, each running
     single-threaded BLAS (see ``blas_single_thread``). Small products run in the
-    calling thread."""
+    calling thread.
+
+    The split depends on A's shape only (up to ``_MATMUL_PARTS`` parts of at
+    least 32 rows), never on the number of workers: BLAS may round a row
+    differently in a call with more or fewer rows, and results must not depend
+    on the machine's core count."""
     n = A.shape[0]
     work = float(n) * A.shape[1] * B.shape[1]
-    nw = min(workers or cpu_workers(), max(1, n // 32))
+    parts = 1 if work < 4e6 else min(_MATMUL_PARTS, max(1, n // 32))
     if out is None:
         out = np.empty((n, B.shape[1]), dtype=np.result_type(A, B))
+    nw = min(workers or cpu_workers(), parts)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
     with blas_single_thread():
-        if nw <= 1 or work < 4e6:
-            return np.matmul(A, B, out=out)
-        bounds = np.linspace(0, n, nw + 1).astype(int)
+        if nw <= 1:
+            for i in range(parts):
+                np.matmul(A[bounds[i]:bounds[i + 1]], B, out=out[bounds[i]:bounds[i + 1]])
+            return out
         futures = [_pool().submit(np.matmul, A[bounds[i]:bounds[i + 1]], B,
-                                  out=out[bounds[i]:bounds[i + 1]]) for i in range(nw)]
+                                  out=out[bounds[i]:bounds[i + 1]]) for i in range(parts)]
         for f in futures:
             f.result()
     return out
+
+
+# Row parts of a large product: as many as the cores this project targets use
+# well, fixed so that the rounding does not depend on the core count.
+_MATMUL_PARTS = 4
 
 
 def _single_threaded(fn):
@@ -879,5 +892,6 @@ def bias_correction(W: np.ndarray, W_new: np.ndarray, mean_x: np.ndarray) -> np.
         raise ValueError("shapes: W (O, K), W_new (O, K), mean_x (K,)")
     out = np.empty(W.shape[0])
     for sl in _row_slices(W.shape[0], W.shape[1]):
-        out[sl] = (np.asarray(W[sl], dtype=np.float64) - np.asarray(Wn[sl], dtype=np.float64)) @ mean_x
+        # einsum, not BLAS gemv: no library threads, so the rounding does not depend on the core count
+        out[sl] = np.einsum("ij,j->i", np.asarray(W[sl], dtype=np.float64) - np.asarray(Wn[sl], dtype=np.float64), mean_x)
     return out

@@ -782,3 +782,12 @@ def test_calibration_member_shorter_than_its_header(tmp_path):
         z.writestr("a.npy", header + raw[len(header):])
     with pytest.raises(UserError, match="shorter"):
         load_calibration(tmp_path / "short.npz")
+
+
+def test_parallel_matmul_rounding_does_not_depend_on_workers(monkeypatch):
+    rng = np.random.default_rng(21)
+    A = rng.standard_normal((300, 600)).astype(np.float32)
+    B = rng.standard_normal((600, 500)).astype(np.float32)
+    results = [ap.parallel_matmul(A, B, workers=w) for w in (1, 2, 3, 8)]
+    for r in results[1:]:
+        assert np.array_equal(r, results[0])
