@@ -60,7 +60,10 @@ class StoredRows:
             lo, hi = max(start, first), min(stop, first + rows)
             if lo < hi:
                 count = (hi - lo) * self._row
-                part = np.fromfile(path, self.dtype, count=count, offset=offset + (lo - first) * self._row * self.dtype.itemsize)
+                try:
+                    part = np.fromfile(path, self.dtype, count=count, offset=offset + (lo - first) * self._row * self.dtype.itemsize)
+                except OSError as exc:  # moved or deleted while the compile ran
+                    raise UserError(f"cannot read calibration file {path}: {exc.strerror or exc}") from None
                 if part.size != count:
                     raise UserError(f"calibration file {path} is shorter than its header says (truncated?)")
                 flat[done:done + count] = part

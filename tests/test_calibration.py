@@ -782,6 +782,11 @@ def test_calibration_member_shorter_than_its_header(tmp_path):
         z.writestr("a.npy", header + raw[len(header):])
     with pytest.raises(UserError, match="shorter"):
         load_calibration(tmp_path / "short.npz")
+    np.savez(tmp_path / "gone.npz", a=np.zeros((4, 3), np.float32))
+    data = load_calibration(tmp_path / "gone.npz")
+    (tmp_path / "gone.npz").unlink()  # deleted between loading and reading
+    with pytest.raises(UserError, match="cannot read calibration file"):
+        data["a"][0:2]
 
 
 def test_parallel_matmul_rounding_does_not_depend_on_workers(monkeypatch):
