@@ -1519,6 +1519,13 @@ def _decode_function(name: str, L: _Layout, opset: int) -> onnx.FunctionProto:
         values = gather(b.add("Add", [index, aux]), target)
     elif L.aux == "none":
         values = gather(index, target)
+    elif L.dtype == TensorProto.FLOAT16:
+        # the product in float32, then one rounding to float16: the same bits (two float16
+        # factors, or one and a uint8 scale, multiply exactly in float32), but ORT's CPU has
+        # no float16 Mul, so a float16 product would be decoded on every run, not folded at load
+        book = b.add("Cast", [b.add("Gather", ["codebook", index], axis=0)], to=TensorProto.FLOAT)
+        product = b.add("Mul", [book, b.add("Cast", [aux], to=TensorProto.FLOAT)])
+        values = b.add("Cast", [product], target, to=TensorProto.FLOAT16)
     else:
         scale = b.add("Cast", [aux], to=L.dtype) if L.aux == "qscale" else aux  # a float scale has the weight's dtype
         values = b.add("Mul", [gather(index, None), scale], target)

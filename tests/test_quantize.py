@@ -542,3 +542,31 @@ def test_same_input_same_bytes(cnn24, work):
     for p in (a, b):
         quantize(src, p, batches_of(x), quant_sensitivity=False)
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("mode,granularity", [("lut", "tensor"), ("lut", "channel"), ("log", "auto")])
+def test_float16_weights_decode_exactly_and_fold_at_load(work, mode, granularity):
+    """float16 weights: the decode's product runs in float32 and rounds once, the same bits as
+    a float16 product, and ORT folds the whole decode at load (its CPU has no float16 Mul)."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(5)
+    w1 = rng.standard_normal((64, 128)).astype(np.float16)
+    w2 = rng.standard_normal((128, 32)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 32])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = work / f"f16_{mode}_{granularity}.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    out = work / f"f16_{mode}_{granularity}_q.onnx"
+    ctx = quantize(src, out, None, quantize=mode, bits=4, pattern=Pattern(2, 4), lut_granularity=granularity)
+    inits = initializers(out)
+    decoded = ort_values(out, ["w1", "w2"], {"x": np.ones((2, 64), np.float16)})
+    for t in ctx.artifacts["targets"]:
+        ref = numpy_decode(inits, ctx.layers[t.name]["quant"], decoded[t.weight].shape).astype(np.float16)
+        assert decoded[t.weight].dtype == np.float16
+        assert np.array_equal(decoded[t.weight].view(np.uint16), ref.view(np.uint16))
+    ops = optimized_op_counts(out)
+    assert not {"Mul", "Gather", "ScatterElements"} & set(ops), ops  # nothing of the decode is left to run
