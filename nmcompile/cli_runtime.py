@@ -35,6 +35,31 @@ def _calibration(path: str | None, model_path: Path):
     return data
 
 
+def _labelled_data(path: str | None, model_path: Path):
+    """(data, labels): an array named ``labels`` that is not a model input holds
+    class indices to score classifier outputs against (None when absent)."""
+    if path is None:
+        return None, None
+    from . import graphio
+    from .calibdata import load_calibration, validate_calibration
+
+    data = load_calibration(path)
+    model = graphio.load_model(model_path).model
+    labels = None
+    if "labels" in data and "labels" not in {i.name for i in model.graph.input}:
+        import numpy as np
+
+        labels = np.asarray(data.pop("labels"))
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise UserError(f"calibration array 'labels' must hold one class index per sample (1-D integers), "
+                            f"got shape {labels.shape} {labels.dtype}")
+    validate_calibration(model, data)
+    n = min(a.shape[0] for a in data.values())
+    if labels is not None and labels.shape[0] != n:
+        raise UserError(f"calibration array 'labels' holds {labels.shape[0]} labels for {n} samples")
+    return data, labels
+
+
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -49,7 +74,7 @@ def run_verify(argv: list[str]) -> int:
     p = _parser("nmcompile verify", "Compare a compiled model's outputs with its original's on calibration data (or random inputs).")
     p.add_argument("original", help="the original ONNX model")
     p.add_argument("compiled", help="the compiled model (its .ep.json is used when present)")
-    p.add_argument("--calib", help="calibration data: .npz named after the model inputs, or a folder of .npz")
+    p.add_argument("--calib", help="data: .npz named after the model inputs, or a folder of .npz; an extra array 'labels' (class indices) scores classifier outputs of both models")
     p.add_argument("--calib-batch", type=int, default=8, help="samples per batch (default 8)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
@@ -63,12 +88,12 @@ def run_verify(argv: list[str]) -> int:
     if args.calib_batch <= 0:
         raise UserError("--calib-batch must be positive")
     batches = None
-    data = _calibration(args.calib, original)
+    data, labels = _labelled_data(args.calib, original)
     if data is not None:
         from .calibdata import iter_batches
 
         batches = list(iter_batches(graphio.load_model(original).model, data, args.calib_batch))
-    result = verify_models(original, compiled, batches)
+    result = verify_models(original, compiled, batches, labels=labels)
     print(json.dumps(result, indent=2, default=float) if args.json else format_verify_table(result))
     return 0
 

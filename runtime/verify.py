@@ -53,6 +53,17 @@ class OutputStats:
         self.top1_total = 0
         self.top1_ok = True
         self.worst_cos: float | None = None
+        self.label_hits = [0, 0]  # original, compiled
+        self.label_total = 0
+
+    def add_labels(self, ref, test, labels: np.ndarray) -> None:
+        """Top-1 accuracy of both models against the data's labels (classifier outputs)."""
+        ref, test = np.asarray(ref), np.asarray(test)
+        if not (self.is_float and ref.ndim == 2 and ref.shape[1] >= 2 and ref.shape[0] == labels.shape[0]):
+            return
+        self.label_hits[0] += int(np.count_nonzero(ref.argmax(axis=1) == labels))
+        self.label_hits[1] += int(np.count_nonzero(test.argmax(axis=1) == labels))
+        self.label_total += int(labels.shape[0])
 
     def add(self, ref, test) -> None:
         ref = np.asarray(ref)
@@ -110,6 +121,9 @@ class OutputStats:
             "exact": None if self.is_float else self.equal / n,
             "nonfinite": self.nonfinite,
         }
+        if self.label_total and self.label_total == self.samples:
+            out["accuracy"] = {"original": self.label_hits[0] / self.label_total,
+                               "compiled": self.label_hits[1] / self.label_total, "samples": self.label_total}
         return out
 
 
@@ -175,6 +189,7 @@ def verify_models(
     random_batches: int = 4,
     batch_size: int = 1,
     seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> dict:
     """Run the original and the compiled model on the same batches and compare.
 
@@ -225,7 +240,11 @@ def verify_models(
         _accumulate(stats, dict(zip(ref_names, ref)), dict(zip(ref_names, test)))
         count += 1
         first = next(iter(f_ref.values()), None)
-        samples += int(first.shape[0]) if first is not None and first.ndim >= 1 else 1
+        n = int(first.shape[0]) if first is not None and first.ndim >= 1 else 1
+        if labels is not None:  # the batches are consecutive samples of the data, in order
+            for name, r, t in zip(ref_names, ref, test):
+                stats[name].add_labels(r, t, labels[samples:samples + n])
+        samples += n
     if count == 0:
         raise UserError("no input batches to verify with")
     return {
@@ -274,6 +293,11 @@ def format_verify_table(result: Mapping) -> str:
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [line(header), line(["-" * w for w in widths])] + [line(b) for b in body]
+    for name, m in outputs.items():
+        acc = m.get("accuracy")
+        if acc:
+            out.append(f"accuracy against the data's labels ({name}, {acc['samples']} samples): "
+                       f"original {100 * acc['original']:.2f}%, compiled {100 * acc['compiled']:.2f}%")
     bad = [n for n, m in outputs.items() if m.get("nonfinite")]
     if bad:
         out.append("non-finite values in the compiled model's output: " + ", ".join(

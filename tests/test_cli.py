@@ -240,16 +240,33 @@ def test_verify_and_bench_on_shipped_model(run_cli, tmp_path):
     code, _, err = run_cli(src, "--calib", MODELS / "digits_calib.npz", "-q")
     assert code == 0, err
     compiled = tmp_path / "digits_cnn.nm.onnx"
+    # the test file carries labels too: both models are scored against them
     code, out, err = run_cli("verify", src, compiled, "--calib", MODELS / "digits_test.npz", "--json")
-    # the test file carries labels too: verify refuses arrays that are not model inputs
-    assert code == 2 and "labels" in err
-    np.savez(tmp_path / "inputs.npz", input=np.load(MODELS / "digits_test.npz")["input"])
-    code, out, err = run_cli("verify", src, compiled, "--calib", tmp_path / "inputs.npz", "--json")
     assert code == 0, err
     import json
+    import sys
+
+    sys.path.insert(0, str(MODELS))
+    from evaluate import accuracy
 
     logits = json.loads(out)["outputs"]["logits"]
     assert logits["cosine"] > 0.95 and logits["top1"] > 0.95
+    assert logits["accuracy"]["samples"] == 360
+    assert logits["accuracy"]["original"] == accuracy(str(src), str(MODELS / "digits_test.npz"))
+    assert logits["accuracy"]["compiled"] == accuracy(str(compiled), str(MODELS / "digits_test.npz"))
+    code, out, err = run_cli("verify", src, compiled, "--calib", MODELS / "digits_test.npz")
+    assert code == 0 and "accuracy against the data's labels (logits, 360 samples)" in out
+    test = np.load(MODELS / "digits_test.npz")
+    np.savez(tmp_path / "inputs.npz", input=test["input"])
+    code, out, err = run_cli("verify", src, compiled, "--calib", tmp_path / "inputs.npz", "--json")
+    assert code == 0, err
+    assert "accuracy" not in json.loads(out)["outputs"]["logits"]
+    # labels that cannot be one class index per sample, and other unknown arrays, are refused
+    np.savez(tmp_path / "short.npz", input=test["input"], labels=test["labels"][:-1])
+    np.savez(tmp_path / "float.npz", input=test["input"], labels=test["labels"].astype(np.float32))
+    np.savez(tmp_path / "other.npz", input=test["input"], targets=test["labels"])
+    for bad, expect in (("short.npz", "359 labels for 360 samples"), ("float.npz", "1-D integers"), ("other.npz", "targets")):
+        assert_bad_input(run_cli, tmp_path, "verify", src, compiled, "--calib", tmp_path / bad, expect=expect)
     code, out, err = run_cli("bench", compiled, "--baseline", src, "--iterations", "5", "--warmup", "1", "--batch-sizes", "1,4")
     assert code == 0, err
     assert "baseline" in out and "compiled" in out
