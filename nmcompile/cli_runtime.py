@@ -24,20 +24,10 @@ def _require_file(path: str) -> Path:
     return p
 
 
-def _calibration(path: str | None, model_path: Path):
-    if path is None:
-        return None
-    from . import graphio
-    from .calibdata import load_calibration, validate_calibration
-
-    data = load_calibration(path)
-    validate_calibration(graphio.load_model(model_path).model, data)
-    return data
-
-
-def _labelled_data(path: str | None, model_path: Path):
-    """(data, labels): an array named ``labels`` that is not a model input holds
-    class indices to score classifier outputs against (None when absent)."""
+def _labelled_data(path: str | None, model_path: Path, accept_labels: bool = True):
+    """(data, labels), checked against the model: with ``accept_labels``, an array
+    named ``labels`` that is not a model input holds class indices to score
+    classifier outputs against (None when absent)."""
     if path is None:
         return None, None
     from . import graphio
@@ -46,7 +36,7 @@ def _labelled_data(path: str | None, model_path: Path):
     data = load_calibration(path)
     model = graphio.load_model(model_path).model
     labels = None
-    if "labels" in data and "labels" not in {i.name for i in model.graph.input}:
+    if accept_labels and "labels" in data and "labels" not in {i.name for i in model.graph.input}:
         import numpy as np
 
         labels = np.asarray(data.pop("labels"))
@@ -54,7 +44,7 @@ def _labelled_data(path: str | None, model_path: Path):
             raise UserError(f"calibration array 'labels' must hold one class index per sample (1-D integers), "
                             f"got shape {labels.shape} {labels.dtype}")
     validate_calibration(model, data)
-    n = min(a.shape[0] for a in data.values())
+    n = min((a.shape[0] for a in data.values()), default=0)
     if labels is not None and labels.shape[0] != n:
         raise UserError(f"calibration array 'labels' holds {labels.shape[0]} labels for {n} samples")
     return data, labels
@@ -122,7 +112,7 @@ def run_bench(argv: list[str]) -> int:
         raise UserError("--warmup must be >= 0 and --iterations > 0")
     if args.threads is not None and args.threads <= 0:
         raise UserError("--threads must be positive")
-    data = _calibration(args.calib, baseline or model)
+    data, _ = _labelled_data(args.calib, baseline or model, accept_labels=False)
     rows = bench_models(
         model,
         baseline=baseline,

@@ -572,6 +572,20 @@ def _tensor_array(t: TensorProto, base_dir: str | None) -> np.ndarray | None:
 _FEEDABLE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
 
+def _subgraph(model: onnx.ModelProto, wanted: list[str]) -> tuple[onnx.ModelProto, list[int], set[str]]:
+    """(model of the nodes that compute ``wanted`` with the graph's inputs, no
+    initializers or outputs yet; indices of those nodes; the names they read)."""
+    g = model.graph
+    kept, used = upstream(g.node, wanted)
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    m.graph.node.extend(g.node[i] for i in kept)
+    m.graph.input.extend(g.input)
+    return m, kept, used
+
+
 def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | None,
                    overrides: Mapping[str, np.ndarray] | None, by_reference: bool = True):
     """(session, weight feeds): a session over the nodes needed for ``wanted``.
@@ -586,20 +600,14 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     import onnxruntime as ort
 
     g = model.graph
-    kept, used = upstream(g.node, wanted)
+    m, kept, used = _subgraph(model, wanted)
     readers: dict[str, set[str]] = {}
     for i in kept:
         for r in names_read([g.node[i]]):
             readers.setdefault(r, set()).add(g.node[i].domain or "")
 
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
     mg = m.graph
     mg.name = g.name or "stats"
-    mg.node.extend(g.node[i] for i in kept)
-    mg.input.extend(g.input)
     declared = {vi.name for vi in g.input}
     typed = {vi.name: vi for vi in list(g.value_info) + list(g.output)}
     mg.value_info.extend(vi for vi in g.value_info if vi.name in used)
@@ -907,13 +915,7 @@ def _largest_activation(model: onnx.ModelProto, wanted: list[str]) -> int:
     small (7×7 maps) while the stem's 112×112 maps pass through ORT on the way,
     which for 8 images is ~80 MB that no requested output shows."""
     g = model.graph
-    kept, _ = upstream(g.node, wanted)
-    m = onnx.ModelProto()
-    m.ir_version = model.ir_version
-    m.opset_import.extend(model.opset_import)
-    m.functions.extend(model.functions)
-    m.graph.node.extend(g.node[i] for i in kept)
-    m.graph.input.extend(g.input)
+    m, _, _ = _subgraph(model, wanted)
     declared = {vi.name for vi in g.input}
     for t in g.initializer:
         if t.name in declared:
