@@ -309,21 +309,22 @@ def adaprune_rows(
     O, K = W.shape
     if O == 0 or K == 0:
         return np.zeros(W.shape, out_dtype)
-    W64 = W.astype(np.float64)
     lam = damping(H, damp)
     if np.all(mask):
-        return W64.astype(out_dtype)
+        return W.astype(out_dtype)
     if lam == 0.0 and not np.any(H):
         # No signal: every W' gives zero error; keep the masked weights.
-        return (W64 * mask).astype(out_dtype)
+        return np.where(mask, W, 0).astype(out_dtype)
     if method == "auto":
         method = _choose_method(mask, K)
     if info is not None:
         info["method"] = method
     if method == "direct":
-        Wn = _direct(W64, mask, H, lam)
+        Wn = _direct(W.astype(np.float64), mask, H, lam)
     elif method == "cg":
-        Wn = _cg(W64, mask, H, damp, lam, tol, max_iter, x0, info)
+        # W as given: CG converts one block of rows at a time to float64 and
+        # writes its result in W's dtype (no whole-layer float64 copies)
+        Wn = _cg(W, mask, H, damp, lam, tol, max_iter, x0, info, out_dtype=out_dtype)
     else:
         raise ValueError(f"unknown method {method!r}")
     return Wn.astype(out_dtype, copy=False)
@@ -402,7 +403,7 @@ def top_eigenpairs(H: np.ndarray, k: int, power_iters: int = 2, oversample: int 
     return ev[-k:], Q.astype(np.float64) @ U[:, -k:]
 
 
-def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None):
+def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None, out_dtype=np.float64):
     """Preconditioned CG on all rows at once.
 
     Unknown D = W' − S⊙W (zero off the mask); operator A(V) = S ⊙ (V Hd); right-hand
@@ -447,11 +448,11 @@ def _cg(W, mask, H, damp, lam, tol, max_iter, x0, info=None, rank=None):
     shared = (H, H32, lam, Dinv, ev, V, tol, max_iter)
     # rows are independent: bound the ~12 (rows × K) float64 work arrays
     block = max(64, _CG_BLOCK_BYTES // (12 * 8 * K))
-    out = np.empty_like(W)
+    out = np.empty(W.shape, out_dtype)
     its = work = 0
     for r0 in range(0, O, block):
         sl = slice(r0, r0 + block)
-        out[sl], i, w = _cg_block(W[sl], mask[sl], None if x0 is None else
+        out[sl], i, w = _cg_block(np.asarray(W[sl], dtype=np.float64), mask[sl], None if x0 is None else
                                   np.asarray(x0)[sl], shared)
         its, work = max(its, i), work + w
     if info is not None:
@@ -481,7 +482,7 @@ def _cg_block(W, mask, x0, shared):
         # built a slab of K at a time
         SD = Sf * Dinv
         Mk = np.zeros((O, rank * rank))
-        step = max(1, (16 << 20) // (8 * rank * rank))
+        step = max(1, (4 << 20) // (8 * rank * rank))
         for k0 in range(0, K, step):
             Vk = V[k0:k0 + step]
             Mk += parallel_matmul(SD[:, k0:k0 + step],
@@ -560,9 +561,10 @@ def _sweep(W, H, damp, blocksize, mask=None, n=None, m=None, select="obs", overw
     """SparseGPT column sweep. Fixed ``mask`` or, when ``mask`` is None, N:M
     selection per group of ``m`` columns (``select``: "obs" per-weight scores,
     "group" joint choice). ``overwrite_h``: H is the factorisation's workspace.
-    Returns (mask, W_new) in float64."""
+    Returns (mask, W_new), W_new in float32 for a float32 H, else float64."""
     O, K = W.shape
-    Wc = np.array(W, dtype=np.float64, copy=True)
+    # float32 work for a float32 H (the widest layers, SparseGPT's own precision)
+    Wc = np.array(W, dtype=np.float32 if H.dtype == np.float32 else np.float64, copy=True)
     if overwrite_h:
         U = inverse_cholesky_upper(damp_in_place(H, damp), overwrite=True)
     else:
@@ -849,7 +851,7 @@ def channel_last_order(channels: int, kernel_shape) -> np.ndarray:
 # --------------------------------------------------------------------------- metrics
 
 
-def _row_slices(rows: int, K: int, nbytes: int = 16 << 20):
+def _row_slices(rows: int, K: int, nbytes: int = 4 << 20):
     """Slices of rows of an (rows, K) operand of about ``nbytes`` in float64: the
     quadratic forms below then need no full-size float64 copy of their operands."""
     step = max(64, nbytes // (8 * max(K, 1)))
@@ -863,9 +865,7 @@ def quadratic_trace(A: np.ndarray, H: np.ndarray, B: np.ndarray | None = None) -
         H = H.astype(np.float64, copy=False)
     total = 0.0
     for sl in _row_slices(A.shape[0], A.shape[1]):
-        D = np.asarray(A[sl], dtype=np.float64)
-        if B is not None:
-            D = D - np.asarray(B[sl], dtype=np.float64)
+        D = np.asarray(A[sl], dtype=np.float64) if B is None else np.subtract(A[sl], B[sl], dtype=np.float64)
         total += float(np.einsum("ij,ij->", parallel_matmul(D.astype(H.dtype, copy=False), H), D))
     return total
 

@@ -342,10 +342,11 @@ class _Accumulator:
     chunk jobs; each job returns its partial sums, which ``merge`` adds in job
     order — so results do not depend on how many threads ran the jobs."""
 
-    def __init__(self, spec: LayerSpec, dtype, chunk_bytes: int):
+    def __init__(self, spec: LayerSpec, dtype, chunk_bytes: int, float32_sums_from: int | None = None):
         self.spec = spec
         self.dtype = np.dtype(dtype)
         self.chunk_bytes = chunk_bytes
+        self.float32_sums_from = float32_sums_from
         self.packed: np.ndarray | None = None  # (G, K(K+1)/2) upper triangle
         self.sums: np.ndarray | None = None
         self.shape: tuple[int, int] | None = None
@@ -354,7 +355,8 @@ class _Accumulator:
     def _init(self, G: int, K: int) -> None:
         if self.packed is None:
             self.shape = (G, K)
-            self.packed = np.zeros((G, K * (K + 1) // 2), np.float64)
+            wide = self.float32_sums_from is not None and K >= self.float32_sums_from
+            self.packed = np.zeros((G, K * (K + 1) // 2), np.float32 if wide else np.float64)
             self.sums = np.zeros((G, K), np.float64)
             self.offsets = _tri_offsets(K)
             # small K: one gather with a cached index; large K: row slices
@@ -473,7 +475,7 @@ class _Patches:
 
 
 def _add_upper_products(packed: np.ndarray, offsets: np.ndarray, P: np.ndarray, pool) -> None:
-    """packed (upper triangle of a K×K, float64) += upper triangle of P Pᵀ, computed in
+    """packed (upper triangle of a K×K) += upper triangle of P Pᵀ, computed in
     row blocks. The blocks own disjoint parts of ``packed``, so running them on
     threads leaves the result independent of scheduling."""
     K = P.shape[0]
@@ -678,7 +680,8 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
                        base_dir: str | None = None,
                        overrides: Mapping[str, np.ndarray] | None = None,
                        threads: int | None = None,
-                       activation_bytes: int = 64 << 20) -> dict[str, LayerStats]:
+                       activation_bytes: int = 64 << 20,
+                       float32_sums_from: int | None = None) -> dict[str, LayerStats]:
     """Run the calibration ``batches`` (dicts input name → array, e.g. from
     ``nmcompile.calibdata.iter_batches``) through ``model`` once and return each
     spec's LayerStats, keyed by ``spec.name``.
@@ -695,6 +698,9 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     parts whose requested activations stay within this (sized from a first
     one-sample run, so deterministic): ORT holds every requested output of a run
     at once, e.g. 1.1 GB for ResNet-50's early layers at 32 images.
+    ``float32_sums_from``: inputs at least this wide (per group) sum their Gram in
+    float32 (half the memory of the largest statistics; for callers whose solver
+    rounds them to float32 anyway). The means are float64 sums always.
     """
     if precision not in ("float32", "float64"):
         raise ValueError("precision must be 'float32' or 'float64'")
@@ -704,7 +710,7 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     accs: dict[tuple, _Accumulator] = {}
     for s in specs:
         if s.key() not in accs:
-            accs[s.key()] = _Accumulator(s, np.dtype(precision), chunk_bytes)
+            accs[s.key()] = _Accumulator(s, np.dtype(precision), chunk_bytes, float32_sums_from)
     if not specs:
         return {}
 

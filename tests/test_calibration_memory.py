@@ -116,6 +116,24 @@ def test_blocked_accumulation_equals_gram(threads):
     np.testing.assert_array_equal(acc1.result().packed, got.packed)
 
 
+@pytest.mark.parametrize("K", [300, st.BLOCKED_FROM_K + 37])  # merged partial products; blocked rows
+def test_wide_inputs_sum_their_gram_in_float32(K):
+    rng = np.random.default_rng(6)
+    # a mean far from zero: the float32 sums' rounding then shows most
+    X = (rng.standard_normal((3000, K)) + 3.0).astype(np.float32)
+    spec = st.LayerSpec("fc", "x", "dense", feature_axis=-1)
+    wide = st._Accumulator(spec, np.float32, 1 << 20, float32_sums_from=K)
+    narrow = st._Accumulator(spec, np.float32, 1 << 20, float32_sums_from=K + 1)
+    for acc in (wide, narrow):
+        st._run_jobs([(acc, j) for j in acc.jobs(X)], None, 1)
+    got, ref = wide.result(), narrow.result()
+    assert got.packed.dtype == np.float32 and ref.packed.dtype == np.float64
+    assert got.packed.nbytes == ref.packed.nbytes // 2
+    np.testing.assert_allclose(got.packed, ref.packed, rtol=2e-6)
+    assert got.mean.dtype == np.float64
+    np.testing.assert_array_equal(got.mean, ref.mean)
+
+
 def test_statistics_in_sub_batches_equal_whole_batches(monkeypatch):
     model = modelzoo.conv_model()
     conv = next(n for n in model.graph.node if n.op_type == "Conv" and n.name == "conv")
