@@ -213,7 +213,8 @@ class LayerStats:
                 out[i + 1:, i] += seg[1:]
             return out
         idx = np.arange(K, dtype=np.int64) if order is None else np.asarray(order, np.int64)
-        step = max(1, (8 << 20) // (16 * max(K, 1)))
+        # a few int64 index arrays of step × K each: ~2 MB apiece
+        step = max(1, (2 << 20) // (8 * max(K, 1)))
         for r0 in range(0, K, step):
             rows = idx[r0:r0 + step, None]
             lo = np.minimum(rows, idx[None, :])
