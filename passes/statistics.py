@@ -895,11 +895,20 @@ class _Runner:
     def __init__(self, model: onnx.ModelProto, wanted: list[str], base_dir: str | None,
                  overrides: Mapping[str, np.ndarray] | None):
         self.wanted = wanted
+        self.model = model
         self.sess, self.weights = _build_session(model, wanted, base_dir, overrides)
-        self.largest = _largest_activation(model, wanted)
+        self._largest: int | None = None
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.dynamic = all(not isinstance(i.shape[0], int) for i in self.sess.get_inputs()
                            if i.name not in self.weights and i.shape)
+
+    def largest(self, part: Mapping[str, np.ndarray]) -> int:
+        """_largest_activation with the graph inputs' sizes past the batch axis
+        taken from ``part`` (sequence lengths left symbolic in the model become known)."""
+        if self._largest is None:
+            self._largest = _largest_activation(self.model, self.wanted,
+                                                {k: np.shape(v) for k, v in part.items()})
+        return self._largest
 
     def __call__(self, part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: part[k] for k in self.inputs if k in part}
@@ -915,15 +924,26 @@ class _Runner:
             raise UserError(f"ONNX Runtime could not run the model on the calibration data: {first}") from None
 
 
-def _largest_activation(model: onnx.ModelProto, wanted: list[str]) -> int:
+def _largest_activation(model: onnx.ModelProto, wanted: list[str],
+                        input_shapes: Mapping[str, tuple] | None = None) -> int:
     """Bytes per sample of the largest tensor the nodes computing ``wanted`` produce,
     among those whose shape past the batch axis shape inference knows (0 if none).
+    ``input_shapes``: shapes of graph inputs as fed; their axes past the first replace
+    the declared ones, so symbolic sequence lengths (a transformer's attention
+    scores grow with their square) are sized too.
     The runs are sized by it too: for the deepest layers the requested outputs are
     small (7×7 maps) while the stem's 112×112 maps pass through ORT on the way,
     which for 8 images is ~80 MB that no requested output shows."""
     g = model.graph
     m, _, _ = _subgraph(model, wanted)
     declared = {vi.name for vi in g.input}
+    for vi in m.graph.input:
+        shape = (input_shapes or {}).get(vi.name)
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        if shape is None or dims is None or len(dims) != len(shape) or not len(shape):
+            continue
+        for d, n in zip(list(dims)[1:], shape[1:]):
+            d.dim_value = int(n)  # replaces a dim_param
     for t in g.initializer:
         if t.name in declared:
             continue
@@ -975,7 +995,7 @@ def _runs(runners: list[_Runner], batches, activation_bytes: int, progress: bool
             if dynamic and per_run is None:
                 per_sample = sum(o.nbytes for t in outs for o in t.values()) / max(1, batch_samples(part))
                 # ORT's own intermediates on the way: an op's input and output and a skip branch
-                per_sample += 3 * max(r.largest for r in runners)
+                per_sample += 3 * max(r.largest(part) for r in runners)
                 per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
             yield part, outs or [{}]
             del outs

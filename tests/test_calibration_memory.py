@@ -322,6 +322,23 @@ def test_runs_are_sized_by_the_intermediates_ort_computes():
     assert st._largest_activation(model, [conv_out]) == 64 * 8 * 8 * 4  # the deeper request passes the wider map
 
 
+def test_intermediates_with_a_symbolic_sequence_length_are_sized_from_the_data():
+    from onnx import TensorProto, helper
+
+    # x [N, S, 4]: the scores x xᵀ [N, S, S] pass through ORT on the way to the requested z
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("MatMul", ["r", "x"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "S", 4])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert st._largest_activation(model, ["z"]) == 0  # S unknown: nothing to size by
+    assert st._largest_activation(model, ["z"], {"x": (3, 50, 4)}) == 50 * 50 * 4
+    runner = st._Runner(model, ["z"], None, None)
+    assert runner.largest({"x": np.zeros((1, 50, 4), np.float32)}) == 50 * 50 * 4
+    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "S"  # the model is left alone
+
+
 def test_chunks_count_a_shared_gram_once():
     from nmcompile.passes.base import CompileContext
     from nmcompile.passes.canonicalize import canonicalize_passes
@@ -358,7 +375,10 @@ def _loaded(model):
 
 def test_runs_split_by_requested_outputs_and_ort_intermediates():
     class FakeRunner:  # requested outputs of 10 bytes per sample; ORT's largest intermediate 30 bytes
-        dynamic, largest = True, 30
+        dynamic, intermediate = True, 30
+
+        def largest(self, part):
+            return self.intermediate
 
         def __call__(self, part):
             return {"t": np.zeros((len(part["x"]), 10), np.uint8)}
@@ -369,5 +389,5 @@ def test_runs_split_by_requested_outputs_and_ort_intermediates():
     assert sizes == [1, 2, 2, 2, 2, 2, 1]  # the first run sizes the rest
     got = np.concatenate([part["x"] for part, _ in st._runs([FakeRunner()], batches, 250, False, "")])
     assert np.array_equal(got, np.arange(12))
-    FakeRunner.largest = 0  # without intermediates the outputs alone: 25 samples fit
+    FakeRunner.intermediate = 0  # without intermediates the outputs alone: 25 samples fit
     assert [len(p["x"]) for p, _ in st._runs([FakeRunner()], batches, 250, False, "")] == [1, 6, 5]
