@@ -14,8 +14,10 @@ models' calibration .npz; for BERT 64 sequences), the output models all QDQ:
                 (int8 activations, asymmetric), a CalibrationDataReader over the batches
   ORT Entropy   the same with CalibrationMethod.Entropy (its defaults: 128 bins)
   nmc auto      nmcompile's quantize pass, int8, at its defaults: calib_method="auto"
-                (per tensor the lowest-error of kl / minmax / percentiles), no
-                sensitivity pass
+                (per tensor the lowest-error of kl / minmax / percentiles), nearest
+                weight rounding, no sensitivity pass
+  nmc gptq      the same with weight_rounding="gptq" (error-compensating, from the
+                layer-input Grams summed during calibration; --weight-rounding gptq)
   nmc kl        calib_method="kl" (TensorRT entropy, 2048 bins)
   nmc auto+sens calib_method="auto" with the per-layer sensitivity pass (L+1 extra
                 runs over the calibration data; what --max-error needs)
@@ -115,7 +117,7 @@ def worker(spec: dict) -> dict:
     else:
         loaded = graphio.load_model(spec["model"])
         opts = SimpleNamespace(pattern=None, exclude=(), progress=False, quantize="int8", calib_method=spec["method"],
-                               max_error=None, quant_sensitivity=spec["sensitivity"])
+                               max_error=None, quant_sensitivity=spec["sensitivity"], weight_rounding=spec.get("rounding", "nearest"))
         ctx = CompileContext(model=loaded, options=opts)
         ctx.artifacts["calib_batches"] = lambda: iter(feeds)
         for p in canonicalize_passes() + [FindTargets(), Quantize()]:
@@ -239,6 +241,7 @@ def main() -> None:
         ("ORT MinMax", {"tool": "ort", "method": "minmax"}),
         ("ORT Entropy", {"tool": "ort", "method": "entropy"}),
         ("nmc auto", {"tool": "nmc", "method": "auto", "sensitivity": None}),
+        ("nmc gptq", {"tool": "nmc", "method": "auto", "sensitivity": None, "rounding": "gptq"}),
         ("nmc kl", {"tool": "nmc", "method": "kl", "sensitivity": None}),
         ("nmc auto+sens", {"tool": "nmc", "method": "auto", "sensitivity": True}),
     ]

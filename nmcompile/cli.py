@@ -66,6 +66,7 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     q.add_argument("--max-error", type=float, metavar="E", help="output error budget (1 - cosine to the unquantized model on the calibration data): keep the most sensitive layers in float until it is met")
     q.add_argument("--no-float16-params", action="store_true", help="log/lut: keep biases and normalization parameters in float32 (by default they are stored as float16 where that is within 2^-11)")
     q.add_argument("--no-code-tables", action="store_true", help="log/lut: keep Gather tables (embeddings) in float (by default large ones are coded like weights)")
+    q.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq"), help="int8 weight codes: nearest (default; each weight rounded alone) or gptq (error-compensating rounding that keeps each layer's output on the calibration data: ~30%% lower output error, about twice the quantize time)")
     q.add_argument("--sensitivity", action="store_true", help="measure each quantized layer's effect on the output on the calibration data and rank them in the report (one run per layer; always on with --max-error)")
     p.add_argument("--permute", action="store_true", help="permute each layer's input channels (absorbed into the producing layer, so the function is unchanged) to keep more weight under plain N:M")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
@@ -110,6 +111,7 @@ def run_compile(args) -> int:
         sensitivity=args.sensitivity,
         float16_params=not args.no_float16_params,
         quantize_tables=not args.no_code_tables,
+        weight_rounding=args.weight_rounding,
     )
     if not args.quiet:
         print(format_summary(result))

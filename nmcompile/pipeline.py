@@ -49,6 +49,7 @@ class CompileOptions:
     max_error: float | None = None
     float16_params: bool = True  # log / lut: biases and norm parameters stored as float16 where within 2^-11
     quantize_tables: bool = True  # log / lut: code large Gather tables (embeddings) like weights
+    weight_rounding: str = "nearest"  # int8: nearest, or gptq (error-compensating, from the calibration Grams)
 
     def __post_init__(self) -> None:
         """Option combinations that cannot work are the user's to fix: fail before any work."""
@@ -96,7 +97,7 @@ class CompileOptions:
             "quantize": None
             if self.quantize is None
             else {"mode": self.quantize, "bits": 8 if self.quantize == "int8" else self.bits, "calib_method": self.calib_method, "max_error": self.max_error}
-            | ({} if self.quantize == "int8" else {"float16_params": self.float16_params, "quantize_tables": self.quantize_tables}),
+            | ({"weight_rounding": self.weight_rounding} if self.quantize == "int8" else {"float16_params": self.float16_params, "quantize_tables": self.quantize_tables}),
             "exclude": list(self.exclude),
             "calibration": None
             if self.calib is None
@@ -214,6 +215,7 @@ def compile_model(
     sensitivity: bool = False,
     float16_params: bool = True,
     quantize_tables: bool = True,
+    weight_rounding: str = "nearest",
 ) -> CompileResult:
     """Compile MODEL to OUTPUT (default MODEL.nm.onnx): the same as `nmcompile MODEL --pattern ...`."""
     start = time.perf_counter()
@@ -239,6 +241,7 @@ def compile_model(
         quant_sensitivity=True if sensitivity else None,
         float16_params=float16_params,
         quantize_tables=quantize_tables,
+        weight_rounding=weight_rounding,
     )
     model_path = Path(model)
     loaded = graphio.load_model(model_path)

@@ -19,6 +19,7 @@ Activation calibration
 
 Weights
     quantize_weight_per_channel / dequantize_per_channel   symmetric int8 (or fewer bits)
+    gptq_round                                             error-compensating rounding (GPTQ) on those grids
     log_quantize / log_dequantize / log_decode_table       sign + power-of-two codes
     kmeans_1d_optimal / kmeans_cost                        exact 1-D k-means (DP)
     lut_quantize / lut_dequantize                          k-means look-up-table codebooks
@@ -98,6 +99,7 @@ __all__ = [
     "choose_threshold_auto",
     "quantize_weight_per_channel",
     "dequantize_per_channel",
+    "gptq_round",
     "log_decode_table",
     "log_quantize",
     "log_dequantize",
@@ -1016,6 +1018,113 @@ def quantize_weight_per_channel(w, axis: int = 0, bits: int = 8) -> tuple[np.nda
     bs = _bshape(w.ndim, ax)
     q = np.clip(np.rint(w.astype(np.float64) / scale.astype(np.float64).reshape(bs)), -qm, qm).astype(np.int8)
     return q, scale
+
+
+def _tril_inverse(L: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by 2x2 blocks (inv [[A, 0], [C, D]] =
+    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]), written into ``out``: matrix products only,
+    ~K^3/3 flops, numpy alone, one K x K result plus quarter-size temporaries."""
+    n = L.shape[0]
+    if out is None:
+        out = np.zeros_like(L)
+    if n <= 64:
+        out[...] = np.tril(np.linalg.inv(L))
+        return out
+    h = n // 2
+    _tril_inverse(L[:h, :h], out[:h, :h])
+    _tril_inverse(L[h:, h:], out[h:, h:])
+    out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
+    return out
+
+
+def _inverse_cholesky_upper(Hd: np.ndarray, reversed_input: bool = False) -> np.ndarray:
+    """Upper U with Hd^-1 = U^T U: J inv(chol(J Hd J)) J (J the reversal), one Cholesky
+    and one triangular inverse instead of a full inverse and a second factorization.
+    ``reversed_input``: Hd is already J Hd J (saves a K x K copy). U is a reversed view."""
+    L = np.linalg.cholesky(Hd if reversed_input else np.ascontiguousarray(Hd[::-1, ::-1]))
+    Linv = _tril_inverse(L)
+    del L
+    return Linv[::-1, ::-1]
+
+
+def gptq_round(w, scale, gram, bits: int = 8, damp: float = 0.01, blocksize: int = 128,
+               return_errors: bool = False):
+    """Error-compensating rounding of a (O, K) weight onto fixed per-row grids (GPTQ).
+
+    Why: rounding every weight to its nearest level minimizes the weight error,
+    not the layer's output error ``sum_rows (w - w_hat) H (w - w_hat)^T`` on the
+    calibration inputs (H = sum x x^T, the Gram matrix of the layer's input, K x K).
+    GPTQ quantizes the columns in order and moves each column's rounding error onto
+    the columns not yet quantized along the inverse-Hessian direction (row i of the
+    upper Cholesky factor U of (H + lambda I)^-1, lambda = damp * mean(diag H)),
+    the optimal compensation given the columns already fixed (Frantar et al., 2022).
+
+    ``scale`` [O] is each row's grid step (kept as given: ``quantize_weight_per_channel``'s
+    max-|w| scale), levels ``[-qmax, qmax]`` (updated weights beyond them are clipped,
+    and that error is compensated too). Exact zeros of ``w`` (N:M pruned weights) get
+    code 0 and their drift is compensated like a rounding error, so they stay exactly
+    zero. Safeguard: a row whose output error (undamped H) is not lower than plain
+    rounding's keeps plain rounding, so no row gets worse on the calibration data.
+    Returns int8 codes (O, K); deterministic (float64 numpy, fixed order; rows are
+    independent, so stacking the rows of layers that share an input gives each the same
+    codes). With ``return_errors``: (codes, per-row output error of the result, per-row
+    output error of plain rounding), against the undamped H.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError("w must be (O, K)")
+    O, K = w.shape
+    H = np.asarray(gram)  # float32 or float64: copied to float64 once, reversed, below
+    if H.shape != (K, K):
+        raise ValueError(f"gram must be ({K}, {K}), got {H.shape}")
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if s.shape != (O,) or not np.all(s > 0):
+        raise ValueError("scale must be O positive values")
+    qm = _qmax(bits)
+    keep = w != 0
+    nearest = np.clip(np.rint(w / s[:, None]), -qm, qm)
+    if O == 0 or K == 0:
+        return (nearest.astype(np.int8), np.zeros(O), np.zeros(O)) if return_errors else nearest.astype(np.int8)
+    # reversed, damped copy J (H + lambda I) J (J the reversal): see _inverse_cholesky_upper
+    Hr = np.array(H[::-1, ::-1], dtype=np.float64, order="C")
+    diag = np.einsum("ii->i", Hr)
+    mean = float(diag.mean())
+    diag += damp * mean if mean > 0 else 0.0
+    diag[diag <= 0] = 1.0  # dead inputs: nothing to fit, keep the factorization defined
+    # U upper with (H + lambda I)^-1 = U^T U: the Cholesky factor of the inverse
+    U = _inverse_cholesky_upper(Hr, reversed_input=True)
+    del Hr
+    sparse = not keep.all()
+    # columns are stored as rows (W transposed) so each step touches contiguous memory
+    WT = np.array(w.T, order="C", copy=True)  # never a view of w (w may be Fortran-ordered)
+    QT = np.zeros((K, O))
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        E1 = np.zeros((i2 - i1, O))
+        for i in range(i2 - i1):
+            c = i1 + i
+            col = WT[c]
+            q = np.rint(col / s)
+            np.clip(q, -qm, qm, out=q)
+            if sparse:
+                q[~keep[:, c]] = 0.0
+            err = (col - q * s) / U[c, c]
+            WT[c + 1 : i2] -= U[c, c + 1 : i2, None] * err  # the rest of the block, at once
+            QT[c] = q
+            E1[i] = err
+        WT[i2:] -= U[i1:i2, i2:].T @ E1
+    Q = QT.T
+    del U, WT
+    H64 = np.asarray(H, dtype=np.float64)
+    d_g = w - Q * s[:, None]
+    d_n = w - nearest * s[:, None]
+    err_g = np.einsum("ok,ok->o", d_g @ H64, d_g)
+    err_n = np.einsum("ok,ok->o", d_n @ H64, d_n)
+    worse = err_g >= err_n
+    Q[worse] = nearest[worse]
+    if return_errors:
+        return Q.astype(np.int8), np.where(worse, err_n, err_g), err_n
+    return Q.astype(np.int8)
 
 
 def dequantize_per_channel(q, scale, axis: int = 0) -> np.ndarray:

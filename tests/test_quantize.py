@@ -227,6 +227,52 @@ def test_int8_without_sensitivity_measures_only_what_it_uses(cnn_int8, work):
             assert o["threshold_from"] != o["tensor"]  # thresholds of the inputs they reach
 
 
+def test_int8_gptq_rounding_lowers_output_error(cnn_int8, work):
+    """gptq weight rounding: every layer's output error on the calibration inputs is below
+    nearest rounding's (the default), and so is the model's; the scales (and so the graph) are the same."""
+    ctx_n, _ = cnn_int8
+    ctx = quantize(MODELS / "digits_cnn.onnx", work / "cnn_int8_gptq.onnx", batches_of(digits_calib()), quant_sensitivity=False, weight_rounding="gptq")
+    for t in ctx.artifacts["targets"]:
+        q, qn = ctx.layers[t.name]["quant"], ctx_n.layers[t.name]["quant"]
+        assert q["weight_rounding"] == "gptq" and qn["weight_rounding"] == "nearest"
+        assert 0 < q["weight_output_error_vs_nearest"] < 1
+        assert (q["weight_scale_min"], q["weight_scale_max"]) == (qn["weight_scale_min"], qn["weight_scale_max"])
+    err = ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"]
+    assert err < ctx_n.artifacts["quantization"]["output_error"]["one_minus_cosine"]
+    with pytest.raises(UserError, match="--weight-rounding"):
+        quantize(MODELS / "digits_cnn.onnx", work / "bad.onnx", batches_of(digits_calib()), weight_rounding="round")
+
+
+def test_int8_gptq_shared_weight_fits_both_inputs(work):
+    """A weight read by two MatMuls with different inputs: its codes are fitted to both (summed Grams)."""
+    from onnx import TensorProto as TP
+
+    rng = np.random.default_rng(0)
+    k = 32
+    w = rng.standard_normal((k, k)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+        helper.make_node("Mul", ["x", "x"], ["x2"], name="sq"),
+        helper.make_node("MatMul", ["x2", "w"], ["h2"], name="mm2"),
+        helper.make_node("Add", ["h1", "h2"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, ["N", k])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = work / "shared_w.onnx"
+    onnx.save(model, str(src))
+    mix = rng.standard_normal((k, k)).astype(np.float32) * 0.5 + np.eye(k, dtype=np.float32)
+    x = {"x": (rng.standard_normal((256, k)).astype(np.float32) @ mix)}
+    ctx = {r: quantize(src, work / f"shared_w_{r}.onnx", batches_of(x), quant_sensitivity=False, weight_rounding=r)
+           for r in ("gptq", "nearest")}
+    (t,) = ctx["gptq"].artifacts["targets"]
+    q = ctx["gptq"].layers[t.name]["quant"]
+    assert q["weight_rounding"] == "gptq" and q["weight_output_error_vs_nearest"] < 1
+    errs = {r: c.artifacts["quantization"]["output_error"]["one_minus_cosine"] for r, c in ctx.items()}
+    assert errs["gptq"] < errs["nearest"]
+
+
 def test_int8_needs_calibration(work):
     with pytest.raises(UserError, match="needs --calib"):
         quantize(MODELS / "digits_cnn.onnx", work / "nocalib.onnx", None)
