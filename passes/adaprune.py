@@ -173,14 +173,24 @@ def narrow_wide_stats(stats: LayerStats) -> None:
         stats.packed = stats.packed.astype(np.float32)
 
 
-def target_weights(h: np.ndarray, target: np.ndarray, damp: float) -> np.ndarray:
-    """(O, K) W̃ with (H + λI) W̃ᵀ = target, by a Cholesky factorisation done in h's
-    place (float32 for wide layers, like the other solves), single-threaded so the
-    rounding does not depend on the core count."""
+def target_weights(h: np.ndarray, target: np.ndarray, damp: float, dense: np.ndarray) -> np.ndarray:
+    """(O, K) W̃ minimising ‖W̃ X_s − W X_d‖² + λ‖W̃ − W‖², i.e. (H + λI) W̃ᵀ = target + λWᵀ
+    (``dense`` = W, (O, K); ``target`` = Σ x_s (W x_d)ᵀ), by a Cholesky factorisation done
+    in h's place (float32 for wide layers, like the other solves), single-threaded so
+    the rounding does not depend on the core count.
+
+    The damping pulls toward the dense weights, not toward zero: where the data says
+    nothing (inputs that never vary, fewer samples than K) W̃ stays W, and with
+    X_s = X_d (the first layers) W̃ is W exactly. Inputs that are always zero keep W."""
     import scipy.linalg
 
-    from .adaprune_solver import blas_single_thread, damp_in_place
+    from .adaprune_solver import blas_single_thread, damp_in_place, damping
 
+    lam = damping(h, damp)
+    dead = np.diagonal(h) + lam <= 0  # damp_in_place gives these a unit diagonal
+    rhs = target + lam * dense.T
+    rhs[dead] = dense.T[dead]
+    target = rhs
     with blas_single_thread():
         try:
             # h is C-ordered and symmetric: its transpose is a Fortran-ordered view that
@@ -339,7 +349,7 @@ def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
                 return
         if len(node.input) <= 2 or not node.input[2]:
             name = _fresh(index, f"{node.name}_bias")
-            loaded.add_initializer(name, delta.astype(np.float32))
+            loaded.add_initializer(name, delta.astype(_weight_dtype(loaded, use)))
             while len(node.input) < 3:
                 node.input.append("")
             node.input[2] = name
@@ -361,12 +371,36 @@ def add_to_bias(ctx: CompileContext, use: Use, delta: np.ndarray) -> None:
                     return
     # No bias to fold into: a new Add after the node.
     name = _fresh(index, f"{node.name}_bias")
-    loaded.add_initializer(name, delta.astype(np.float32).reshape(_bias_shape(use, out_c)))
+    loaded.add_initializer(name, delta.astype(_weight_dtype(loaded, use)).reshape(_bias_shape(use, out_c)))
     out = node.output[0]
     mid = _fresh(index, f"{out}_pre_bias")
     node.output[0] = mid
     new_node = onnx.helper.make_node("Add", [mid, name], [out], name=_fresh(index, f"{node.name}_bias_add"))
     graph.node.insert(_position(graph, node) + 1, new_node)
+
+
+def _weight_dtype(loaded, use: Use) -> np.dtype:
+    """The float type the layer multiplies in (a new bias must match it: ONNX's Add
+    and Conv take one type): what the last Cast or DequantizeLinear on the weight's
+    way to the node makes of it, else the stored weight's own type."""
+    def float_type(onnx_type: int) -> np.dtype | None:
+        try:
+            dt = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+        except Exception:
+            return None
+        return dt if np.issubdtype(dt, np.floating) else None
+
+    for n in reversed(use.chain):
+        if n.op_type == "Cast":
+            dt = float_type(attr(n, "to", 0))
+            return dt if dt is not None else np.dtype(np.float32)
+        if n.op_type == "DequantizeLinear":
+            scale = loaded.initializer(n.input[1]) if len(n.input) > 1 else None
+            dt = float_type(scale.data_type) if scale is not None else None
+            return dt if dt is not None else np.dtype(np.float32)
+    stored = loaded.initializer(use.chain[0].input[0] if use.chain else use.node.input[use.slot])
+    dt = float_type(stored.data_type) if stored is not None else None
+    return dt if dt is not None else np.dtype(np.float32)
 
 
 def _bias_shape(use: Use, out_c: int) -> tuple[int, ...]:
@@ -653,8 +687,10 @@ class SequentialCalibration(Pass):
                 for c in per_use:
                     narrow_wide_stats(c.stats)
                 gram_of = stats_gram([c.stats for c in per_use])
-                # W̃ solving Hd W̃ᵀ = Σ x_s (W x_d)ᵀ: fitting W̃ on x_s reproduces W on x_d
-                wt = [target_weights(gram_of(g, None, solver_dtype(c.shape[0])), sum(p.target[g] for p in per_use), self.damp)
+                # W̃ solving Hd W̃ᵀ = Σ x_s (W x_d)ᵀ + λWᵀ: fitting W̃ on x_s reproduces W on x_d
+                dense_blocks = weights[f"{t.name}#0"]
+                wt = [target_weights(gram_of(g, None, solver_dtype(c.shape[0])), sum(p.target[g] for p in per_use), self.damp,
+                                     dense_blocks[g])
                       for g, c in enumerate(per_use[0].target)]
                 targets_w[t.name] = (wt, per_use)
                 if self.mask_score != "magnitude":

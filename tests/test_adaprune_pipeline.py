@@ -277,3 +277,53 @@ def test_bias_correction_keeps_the_output_mean(tmp_path, kind, alpha, sequential
 
     dense, compiled = first_layer_mean(src, tmp_path / "d.onnx"), first_layer_mean(out.paths.model, tmp_path / "p.onnx")
     np.testing.assert_allclose(compiled, dense, atol=1e-4 * np.abs(dense).max())
+
+
+@pytest.mark.parametrize("op", ["MatMul", "Conv"])
+def test_new_bias_of_a_float16_layer_is_float16(tmp_path, op):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if op == "MatMul":
+        w = (rng.standard_normal((64, 32)) / 8).astype(np.float16)
+        x = rng.standard_normal((64, 64)).astype(np.float16)
+        node = helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")
+        x_shape, y_shape = ["N", 64], ["N", 32]
+    else:
+        w = (rng.standard_normal((32, 16, 3, 3)) / 8).astype(np.float16)
+        x = rng.standard_normal((16, 16, 8, 8)).astype(np.float16)
+        node = helper.make_node("Conv", ["x", "W"], ["y"], name="fc", kernel_shape=[3, 3], pads=[1] * 4)
+        x_shape, y_shape = ["N", 16, 8, 8], ["N", 32, 8, 8]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, y_shape)], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=x)
+    out = compile_model(tmp_path / "m.onnx", output=tmp_path / "o.onnx", pattern="2:4", calib=tmp_path / "c.npz")
+    compiled = onnx.load(out.paths.model)
+    new = [t for t in compiled.graph.initializer if t.name != "W"]
+    assert new and all(t.data_type == TensorProto.FLOAT16 for t in new)  # the bias the mean shift added
+    onnx.checker.check_model(compiled, full_check=True)
+    y = ort.InferenceSession(str(out.paths.model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert y.dtype == np.float16 and np.isfinite(y).all()
+
+
+def test_sequential_targets_are_damped_toward_the_dense_weights():
+    from nmcompile.passes import adaprune as ad
+
+    rng = np.random.default_rng(1)
+    K, O = 24, 5
+    W = rng.standard_normal((O, K))
+    X = rng.standard_normal((8, K))  # fewer samples than K: the data leaves most directions free
+    H = X.T @ X
+    # the compressed model's inputs equal the dense ones (a first layer): W itself
+    np.testing.assert_allclose(ad.target_weights(H.copy(), H @ W.T, 0.01, W), W, rtol=1e-9, atol=1e-9)
+    # no signal at all: W, not zero
+    np.testing.assert_array_equal(ad.target_weights(np.zeros((K, K)), np.zeros((K, O)), 0.01, W), W)
+    # otherwise the damped least squares toward W: (H + λI) W̃ᵀ = Σ x_s (W x_d)ᵀ + λWᵀ
+    Xd = X + 0.1 * rng.standard_normal(X.shape)
+    T = X.T @ (Xd @ W.T)
+    lam = 0.01 * np.mean(np.diag(H))
+    want = np.linalg.solve(H + lam * np.eye(K), T + lam * W.T).T
+    np.testing.assert_allclose(ad.target_weights(H.copy(), T, 0.01, W), want, rtol=1e-8, atol=1e-10)
