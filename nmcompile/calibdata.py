@@ -216,6 +216,7 @@ def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray])
                         f"({'; '.join(parts)}); expected {', '.join(names)}")
     counts = {}
     fixed = set()
+    symbolic: dict[str, tuple[int, str]] = {}  # dim_param -> (size, first input with it)
     for vi in inputs:
         a = data[vi.name]  # an array or StoredRows: only its dtype and shape are read
         if not vi.type.HasField("tensor_type"):
@@ -245,6 +246,11 @@ def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray])
                     bad |= int(d.dim_value) != n
                 else:
                     want_shape.append(d.dim_param or "?")
+                    if d.dim_param:  # inputs naming the same dimension must agree on it
+                        seen = symbolic.setdefault(d.dim_param, (n, vi.name))
+                        if seen[0] != n:
+                            raise UserError(f"calibration arrays {seen[1]!r} and {vi.name!r} disagree on the "
+                                            f"model's dimension {d.dim_param!r} ({seen[0]} vs {n})")
             if bad:
                 raise UserError(f"calibration array {vi.name!r} has samples of shape "
                                 f"{tuple(a.shape[1:])}, the model input expects "
@@ -299,7 +305,13 @@ class Batches:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         b = self.batch_size
         for i in range(0, self.stop, b):
-            yield {k: v[i:i + b] for k, v in self.data.items()}
+            batch = {k: v[i:i + b] for k, v in self.data.items()}
+            for k, v in batch.items():
+                v = np.asarray(v)
+                if np.issubdtype(v.dtype, np.inexact) and not np.isfinite(v).all():
+                    bad = i + int(np.flatnonzero(~np.isfinite(v).reshape(len(v), -1).all(axis=1))[0])
+                    raise UserError(f"calibration array {k!r} holds NaN or inf (sample {bad})")
+            yield batch
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._it is None:

@@ -126,12 +126,17 @@ def run_inspect(args) -> int:
     return 0
 
 
-def _quiet_onnxruntime() -> None:
-    """ONNX Runtime's own warnings (unused initializers and the like) drown our one-line messages."""
+def _quiet_libraries() -> None:
+    """ONNX Runtime's own log lines (warnings, and errors that reach us as exceptions
+    anyway) and numpy's overflow warnings from data it cannot sum would drown our
+    one-line messages."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)
+        onnxruntime.set_default_logger_severity(4)
     except Exception:  # pragma: no cover - onnxruntime is a dependency
         pass
 
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="nmcompile: %(message)s", stream=sys.stderr)
     if not debug:
-        _quiet_onnxruntime()
+        _quiet_libraries()
     try:
         verb = argv[0] if argv and argv[0] in VERBS else "compile"
         rest = argv[1:] if argv and argv[0] in VERBS else argv

@@ -88,9 +88,14 @@ def prune_nm(weight: np.ndarray, n: int, m: int, axis: int, sequential: bool = F
     for r0 in range(0, as_groups[0], step):
         block = slice(r0, r0 + step)
         magnitude = np.abs(w3[block])
-        choose(magnitude if s3 is None else s3[block], n, keep3[block])
-        out = pruned3[block]
         block_total = float(magnitude.sum(dtype=np.float64))
+        score = magnitude if s3 is None else s3[block]
+        if (s3 is not None or not np.isfinite(block_total)) and np.isnan(score).any():
+            # NaN compares false both ways, which breaks the ranking (a group could keep
+            # more than n): a NaN score ranks below every number
+            score = np.where(np.isnan(score), -np.inf, score).astype(np.float32)
+        choose(score, n, keep3[block])
+        out = pruned3[block]
         if np.isfinite(block_total):
             np.multiply(w3[block], keep3[block], out=out)
             out += np.float32(0.0)  # -0.0 + 0.0 = +0.0: every dropped weight is a plain zero

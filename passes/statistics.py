@@ -460,7 +460,20 @@ class _Accumulator:
     def result(self) -> LayerStats:
         if self.packed is None or self.count == 0:
             raise ValueError(f"layer {self.spec.name}: no calibration samples")
+        _require_finite(self.spec, self.packed, self.sums)
         return LayerStats(self.packed, self.sums / self.count, self.count)
+
+
+def _require_finite(spec: LayerSpec, *sums: np.ndarray) -> None:
+    """Sums that overflowed (or inputs that became NaN inside the model) would give
+    NaN weights and a model that computes nothing: the data's problem, said in one line."""
+    if all(np.isfinite(a).all() for a in sums):
+        return
+    from nmcompile.errors import UserError
+
+    layer = spec.name.split("#")[0]
+    raise UserError(f"layer {layer}: its input is not finite on the calibration data, or its "
+                    f"statistics overflow float32 (NaN or inf inside the model, or values too large)")
 
 
 # From this reduction length on, a job hands back its patches and the merge builds
@@ -651,7 +664,7 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     mg.sparse_initializer.extend(s for s in g.sparse_initializer if s.values.name in used)
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions: no log lines of ORT's own
     # No arena: it keeps the peak of every run's intermediates for the session's
     # life; freed blocks go straight back (see adaprune.return_large_blocks_to_os)
     so.enable_cpu_mem_arena = False
@@ -885,6 +898,7 @@ def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarr
     out = {}
     for s in specs:
         h, c = results[s.key()], cross.pop(s.name)
+        _require_finite(s, c.target, c.energy, c.sums)
         out[s.name] = CrossStats(h, c.target, c.energy, c.sums / h.count)
     return out
 

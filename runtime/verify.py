@@ -90,7 +90,7 @@ class OutputStats:
         diff = np.abs(r - t)
         if diff.size:
             self.abs_sum += float(diff.sum())
-            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.max_abs = float(np.max([self.max_abs, diff.max()]))  # NaN stays NaN (Python's max would drop it)
         self.dot += float(r @ t)
         self.ref_sq += float(r @ r)
         self.test_sq += float(t @ t)

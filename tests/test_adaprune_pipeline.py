@@ -116,6 +116,9 @@ def test_pattern_conversion_counts_violations(tmp_path):
         ({"wrong_name": np.zeros((4, 1, 8, 8), np.float32)}, "input"),
         ({"input": np.zeros((4, 1, 8, 8), np.float64)}, "dtype"),
         ({"input": np.zeros((4, 3, 8, 8), np.float32)}, "shape"),
+        ({"input": np.where(np.arange(256).reshape(4, 1, 8, 8) == 77, np.nan, 1).astype(np.float32)}, "nan or inf (sample 1)"),
+        # finite data whose activations overflow float32 inside the model
+        ({"input": np.full((4, 1, 8, 8), 3e38, np.float32)}, "not finite"),
     ],
 )
 def test_bad_calibration_data(run_cli, tmp_path, arrays, expect):
@@ -127,6 +130,21 @@ def test_bad_calibration_data(run_cli, tmp_path, arrays, expect):
     assert code == 2 and err.startswith("nmcompile: error:") and err.count("\n") == 1, err
     assert expect in err.lower()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_inputs_sharing_a_symbolic_dimension_must_agree_on_it(run_cli, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["a", "b"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"], name="fc")], "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", "S", 8]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "S", 8])], [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", a=np.ones((4, 16, 8), np.float32), b=np.ones((4, 12, 8), np.float32))
+    code, _, err = run_cli(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz")
+    assert code == 2 and err.count("\n") == 1 and "'a' and 'b' disagree on the model's dimension 'S' (16 vs 12)" in err, err
+    assert not (tmp_path / "m.nm.onnx").exists()
 
 
 def test_calibration_file_problems(run_cli, tmp_path):

@@ -133,3 +133,20 @@ def test_non_finite_weights_are_zeroed_not_nan():
     assert np.array_equal(keep, [[False, True, False, True, True, False, True, False]])
     assert np.array_equal(pruned, np.where(keep, w, 0)) and not np.isnan(pruned).any()
     assert kept == 6.5 and total == np.inf
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_nan_scores_or_weights_still_keep_exactly_n(sequential):
+    from nmcompile.passes.nm_mask import prune_nm
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    scores = np.abs(w).copy()
+    scores[rng.random(scores.shape) < 0.2] = np.nan  # e.g. [1, nan, 2]: a cycle for pairwise ranks
+    for s, weights in ((scores, w), (None, np.where(np.isnan(scores), np.float32(np.nan), w))):
+        _, keep, _, _ = prune_nm(weights, 2, 4, axis=1, sequential=sequential, scores=s)
+        assert (keep.reshape(64, 4, 4).sum(axis=2) == 2).all()
+        if not sequential:  # a NaN is dropped before any number in its group
+            source = scores if s is not None else np.isnan(weights).astype(np.float32) * np.nan
+            groups_nan = np.isnan(source).reshape(64, 4, 4)
+            assert not (keep.reshape(64, 4, 4) & groups_nan & (groups_nan.sum(axis=2) <= 2)[..., None]).any()

@@ -511,6 +511,8 @@ def test_compare_outputs_known_values():
     m = compare_outputs(ref, [{"logits": off}])["logits"]
     assert m["max_abs"] == pytest.approx(0.5) and m["mean_abs"] == pytest.approx(0.5 / 6)
     assert m["top1"] == 1.0 and 0.99 < m["cosine"] < 1.0
+    nan = compare_outputs(ref, [{"logits": np.full_like(off, np.nan)}])["logits"]
+    assert np.isnan(nan["max_abs"]) and nan["nonfinite"] == 6  # not the 0.0 that max(0.0, nan) gives
     # not logits: 1-D, or a single column; integer outputs get "exact"
     vec = compare_outputs({"v": np.ones(4)}, {"v": np.ones(4)})["v"]
     assert vec["top1"] is None and vec["worst_sample_cosine"] is None
