@@ -366,6 +366,8 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "violations",
             "reconstruction_error_masked",
             "reconstruction_error_adaprune",
+            "calibration_vectors",
+            "calibration_warning",
             "calibration",
             "permute",
             "quant",

@@ -33,7 +33,7 @@ def format_summary(result) -> str:
     totals = report["totals"]
     header = ["layer", "op", "shape", "sparsity", "kept L1", "TRT sparse", "pattern / why dense"]
     if calibrated:
-        header[5:5] = ["rel. error masked -> refit", "refit time"]
+        header[5:5] = ["rel. sq. error masked -> refit", "refit time"]
     lines = [format_table(header, rows), ""]
     lines.append(
         f"{totals['pruned_layers']} of {totals['layers']} layers pruned ({report['options']['pattern']}), "
@@ -58,7 +58,11 @@ def format_summary(result) -> str:
         )
     ranking = report.get("sensitivity_ranking")
     if ranking:
-        lines.append("most sensitive layers (relative output error after re-fit): " + ", ".join(f"{r['name']} {r['error']:.4f}" for r in ranking[:5]))
+        lines.append("most sensitive layers (relative squared output error after re-fit): " + ", ".join(f"{r['name']} {r['error']:.4f}" for r in ranking[:5]))
+    few = [layer for layer in report["layers"] if layer.get("calibration_warning")]
+    if few:
+        lines.append(f"warning: {len(few)} layer(s) saw fewer calibration vectors than they have inputs "
+                     f"(e.g. {few[0]['name']}: {few[0]['calibration_warning']})")
     paths = result.paths
     outputs = [str(paths.model)] + ([str(result.data_path)] if result.data_path else []) + [str(paths.report), str(paths.ep)]
     lines.append("wrote " + ", ".join(outputs) + f" in {result.seconds:.2f} s")

