@@ -59,6 +59,10 @@ def format_summary(result) -> str:
     ranking = report.get("sensitivity_ranking")
     if ranking:
         lines.append("most sensitive layers (relative squared output error after re-fit): " + ", ".join(f"{r['name']} {r['error']:.4f}" for r in ranking[:5]))
+    uncalibrated = [layer for layer in report["layers"] if str(layer.get("calibration", "")).startswith("skipped")]
+    if uncalibrated:
+        lines.append(f"note: {len(uncalibrated)} pruned layer(s) kept magnitude masks without a re-fit "
+                     f"(e.g. {uncalibrated[0]['name']}: {uncalibrated[0]['calibration'][len('skipped: '):]}); see 'calibration' in the report")
     few = [layer for layer in report["layers"] if layer.get("calibration_warning")]
     if few:
         lines.append(f"warning: {len(few)} layer(s) saw fewer calibration vectors than they have inputs "

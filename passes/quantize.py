@@ -63,7 +63,7 @@ test accuracies unchanged. Cost: the Gram products and an O(K^3 + O K^2) sweep
 per layer: the BERT-style encoder's quantize call 0.83 s -> 1.81 s (ORT Entropy
 3.6 s: 4.3x -> 2.0x faster), peak increase 89 -> 120 MB (ORT Entropy 942 MB).
 No test-set top-1 changes on the shipped models, so the fast path stays the
-default and gptq is asked for (--weight-rounding gptq)
+default and gptq is asked for (--weight-rounding gptq).
 The report row gives ``weight_rounding`` and ``weight_output_error_vs_nearest``
 (the layer's output error on the calibration inputs over nearest rounding's).
 

@@ -367,3 +367,20 @@ def test_fewer_calibration_vectors_than_inputs_is_flagged(tmp_path):
             assert row["calibration_vectors"] == samples
             assert ("calibration_warning" in row) == flagged
             assert ("warning: 1 layer(s) saw fewer calibration vectors" in format_summary(result)) == flagged
+
+
+def test_layers_calibration_cannot_fit_are_named_on_the_terminal(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nmcompile.summary import format_summary
+
+    w = np.random.default_rng(4).standard_normal((1, 16, 8)).astype(np.float32)  # a batched (3-D) MatMul weight
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8])], [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.ones((8, 4, 16), np.float32))
+    result = compile_model(tmp_path / "m.onnx", output=tmp_path / "o.onnx", pattern="2:4", calib=tmp_path / "c.npz")
+    (row,) = result.report["layers"]
+    assert row["calibration"].startswith("skipped") and row["sparsity"] == 0.5
+    assert "note: 1 pruned layer(s) kept magnitude masks without a re-fit (e.g. bmm: batched" in format_summary(result)
