@@ -163,16 +163,6 @@ def solver_dtype(k: int) -> type:
     return np.float32 if k >= FLOAT32_FROM_K else np.float64
 
 
-def narrow_wide_stats(stats: LayerStats) -> None:
-    """Hold the sums of layers whose solver works in float32 in float32 too: the
-    solver's matrices round to float32 anyway, so this loses nothing they use,
-    and halves the largest statistics (85 -> 42 MB for a 3×3×512 conv) while they
-    wait for their layer. For sums accumulated in float64 (sequential calibration's
-    cross statistics); one-pass statistics are summed in float32 from the start."""
-    if stats.packed is not None and solver_dtype(stats.features) == np.float32 and stats.packed.dtype != np.float32:
-        stats.packed = stats.packed.astype(np.float32)
-
-
 def target_weights(h: np.ndarray, target: np.ndarray, damp: float, dense: np.ndarray) -> np.ndarray:
     """(O, K) W̃ minimising ‖W̃ X_s − W X_d‖² + λ‖W̃ − W‖², i.e. (H + λI) W̃ᵀ = target + λWᵀ
     (``dense`` = W, (O, K); ``target`` = Σ x_s (W x_d)ᵀ), by a Cholesky factorisation done
@@ -188,17 +178,23 @@ def target_weights(h: np.ndarray, target: np.ndarray, damp: float, dense: np.nda
 
     lam = damping(h, damp)
     dead = np.diagonal(h) + lam <= 0  # damp_in_place gives these a unit diagonal
-    rhs = target + lam * dense.T
+    # the right-hand side in h's dtype (float32 for wide layers: the solve's own precision)
+    rhs = np.array(target, dtype=h.dtype, copy=True)
+    rhs += lam * dense.T
     rhs[dead] = dense.T[dead]
-    target = rhs
+    # only an undamped H can fail to factor (collinear inputs): keep it for least squares
+    undamped = h.astype(np.float64) if lam == 0 else None
     with blas_single_thread():
         try:
             # h is C-ordered and symmetric: its transpose is a Fortran-ordered view that
             # LAPACK factors in place (a C-ordered array would be copied first)
             c = scipy.linalg.cho_factor(damp_in_place(h, damp).T, lower=True, overwrite_a=True, check_finite=False)
-            return scipy.linalg.cho_solve(c, target.astype(h.dtype), check_finite=False).T.astype(np.float64)
-        except np.linalg.LinAlgError:  # no damping and dead inputs: least squares
-            return np.linalg.lstsq(h.astype(np.float64), target, rcond=None)[0].T
+            return np.ascontiguousarray(scipy.linalg.cho_solve(c, rhs, overwrite_b=True, check_finite=False).T)
+        except np.linalg.LinAlgError:
+            if undamped is None:
+                raise
+            undamped[dead, dead] = 1.0  # as damp_in_place: dead inputs keep W through rhs
+            return np.linalg.lstsq(undamped, rhs.astype(np.float64), rcond=None)[0].T
 
 
 def stats_gram(stats: list[LayerStats]) -> GramSource:
@@ -329,6 +325,15 @@ def note_few_vectors(row: dict, vectors: int, inputs: int) -> None:
     if vectors < inputs:
         row["calibration_warning"] = (f"{vectors} calibration vectors for {inputs} inputs: "
                                       "the re-fit can overfit (more samples, or --no-adaprune)")
+
+
+def trace_of_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr(A B) for A (O, K) and B (K, O) in float64, a few MB of A's rows at a time
+    (no whole-layer float64 copy of a float32 A; einsum: no BLAS threads)."""
+    from .adaprune_solver import _row_slices
+
+    return float(sum(np.einsum("ij,ji->", np.asarray(a[sl], np.float64), b[:, sl])
+                     for sl in _row_slices(a.shape[0], a.shape[1])))
 
 
 def output_energy(w: np.ndarray, h: np.ndarray) -> float:
@@ -689,19 +694,18 @@ class SequentialCalibration(Pass):
                     specs.append(layer_spec(u, f"{t.name}#{i}"))
                     weights[specs[-1].name] = dense_blocks
             stats = collect_cross_statistics(dense, (loaded.model, loaded.overrides()), specs, weights,
-                                             ctx.artifacts["calib_batches"](), base_dir=str(loaded.base_dir))
+                                             ctx.artifacts["calib_batches"](), base_dir=str(loaded.base_dir),
+                                             float32_sums_from=FLOAT32_FROM_K)
             scores = ctx.artifacts.setdefault("scores", {})
             targets_w = {}
             for t in wave:
                 use = t.primary
                 per_use = [stats.pop(f"{t.name}#{i}") for i in range(len(t.uses))]
-                for c in per_use:
-                    narrow_wide_stats(c.stats)
                 gram_of = stats_gram([c.stats for c in per_use])
                 # W̃ solving Hd W̃ᵀ = Σ x_s (W x_d)ᵀ + λWᵀ: fitting W̃ on x_s reproduces W on x_d
                 dense_blocks = weights[f"{t.name}#0"]
-                wt = [target_weights(gram_of(g, None, solver_dtype(c.shape[0])), sum(p.target[g] for p in per_use), self.damp,
-                                     dense_blocks[g])
+                wt = [target_weights(gram_of(g, None, solver_dtype(c.shape[0])),
+                                     c if len(per_use) == 1 else sum(p.target[g] for p in per_use), self.damp, dense_blocks[g])
                       for g, c in enumerate(per_use[0].target)]
                 targets_w[t.name] = (wt, per_use)
                 if self.mask_score != "magnitude":
@@ -710,13 +714,16 @@ class SequentialCalibration(Pass):
             for t in wave:
                 wt, per_use = targets_w.pop(t.name)
                 if self.refit:
-                    self._refit(ctx, t, wt, per_use)
+                    # a Gram shared with a layer still to come (Q, K, V) must stay
+                    shared = any(c.stats is o.stats for _, rest in targets_w.values() for o in rest for c in per_use)
+                    self._refit(ctx, t, wt, per_use, release_stats=not shared)
                 scores.pop(t.name, None)
                 dense_weights.pop(t.name, None)
             release_free_memory()
         return PassResult(True)
 
-    def _refit(self, ctx: CompileContext, t: Target, wt: list[np.ndarray], per_use: list) -> None:
+    def _refit(self, ctx: CompileContext, t: Target, wt: list[np.ndarray], per_use: list,
+               release_stats: bool = False) -> None:
         start = time.perf_counter()
         use = t.primary
         gram_of = stats_gram([c.stats for c in per_use])
@@ -726,13 +733,16 @@ class SequentialCalibration(Pass):
         err_m = err_f = energy = 0.0
         for g, (w, k) in enumerate(zip(wt, keep_blocks)):
             h = gram_of(g, None, solver_dtype(w.shape[1]))
+            if release_stats and g == len(wt) - 1:
+                for c in per_use:  # the means stay for the bias correction
+                    c.stats.packed = None
             new = adaprune_rows(w, k, h, damp=self.damp)
             # ‖W x_d − W' x_s‖² = Σ‖W x_d‖² − 2 tr(W' Σ x_s (W x_d)ᵀ) + tr(W' H_s W'ᵀ)
             base = sum(float(c.energy[g]) for c in per_use)
-            target = sum(c.target[g] for c in per_use)
+            target = per_use[0].target[g] if len(per_use) == 1 else sum(c.target[g] for c in per_use)
             masked = np.where(k, dense_blocks[g], np.float32(0.0))
             for cand, bucket in ((masked, "m"), (new, "f")):
-                e = base - 2 * float(np.einsum("ij,ji->", cand, target)) + quadratic_trace(cand, h)
+                e = base - 2 * trace_of_product(cand, target) + quadratic_trace(cand, h)
                 if bucket == "m":
                     err_m += e
                 else:

@@ -853,13 +853,14 @@ def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarr
                              batches: Iterable[Mapping[str, np.ndarray]], progress: bool = False,
                              *, base_dir: str | None = None, chunk_bytes: int = 32 << 20,
                              threads: int | None = None,
-                             activation_bytes: int = 64 << 20) -> dict[str, CrossStats]:
+                             activation_bytes: int = 64 << 20,
+                             float32_sums_from: int | None = None) -> dict[str, CrossStats]:
     """One streamed pass through the dense and the current model (each a (model,
     overrides) pair) together: each spec's CrossStats, its dense output computed
     with ``weights[spec.name]`` (the dense weight's (O/G, K) row blocks). Runs are
     split and chunked as in ``collect_statistics``, so memory stays at one run's
     activations of both models, the jobs in flight, the packed Grams and the
-    (K, O) targets."""
+    (K, O) targets. ``float32_sums_from`` as in ``collect_statistics`` (the Grams)."""
     from .adaprune_solver import blas_single_thread, cpu_workers  # scipy: kept off this module's import
 
     names = [s.name for s in specs]
@@ -869,7 +870,7 @@ def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarr
         return {}
     grams = {}  # layers reading the same input (Q, K, V) share one Gram
     for s in specs:
-        grams.setdefault(s.key(), _Accumulator(s, np.float32, chunk_bytes))
+        grams.setdefault(s.key(), _Accumulator(s, np.float32, chunk_bytes, float32_sums_from))
     cross = {s.name: _CrossAccumulator(s, weights[s.name], chunk_bytes) for s in specs}
     wanted = _internal_inputs(current[0], specs)
     runners = [_Runner(m, wanted, base_dir, o) for m, o in (dense, current)] if wanted else []

@@ -345,6 +345,12 @@ def test_sequential_targets_are_damped_toward_the_dense_weights():
     lam = 0.01 * np.mean(np.diag(H))
     want = np.linalg.solve(H + lam * np.eye(K), T + lam * W.T).T
     np.testing.assert_allclose(ad.target_weights(H.copy(), T, 0.01, W), want, rtol=1e-8, atol=1e-10)
+    # undamped with collinear inputs (a duplicated column): Cholesky fails, least squares on the intact H
+    Xc = np.hstack([X[:, :K - 1], X[:, :1]])
+    Hc = Xc.T @ Xc
+    Tc = Xc.T @ (Xc @ W.T)
+    got = ad.target_weights(Hc.copy(), Tc, 0.0, W)
+    np.testing.assert_allclose(Hc @ got.T, Tc, rtol=1e-6, atol=1e-6 * np.abs(Tc).max())
 
 
 def test_fewer_calibration_vectors_than_inputs_is_flagged(tmp_path):

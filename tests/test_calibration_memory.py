@@ -230,21 +230,6 @@ def test_sweep_trailing_update_in_column_blocks(monkeypatch):
     np.testing.assert_allclose(Wn_b, Wn, rtol=1e-10, atol=1e-10)
 
 
-def test_wide_layer_statistics_held_in_float32_give_the_same_solver_matrix():
-    K = ad.FLOAT32_FROM_K
-    rng = np.random.default_rng(5)
-    X = rng.standard_normal((64, K))
-    stats = st.LayerStats.from_gram((X.T @ X)[None], X.mean(axis=0)[None], 64)
-    order = rng.permutation(K)
-    before = stats.gram_group(0, order, np.float32)
-    ad.narrow_wide_stats(stats)
-    assert stats.packed.dtype == np.float32 and stats.packed.nbytes == K * (K + 1) // 2 * 4
-    assert np.array_equal(stats.gram_group(0, order, np.float32), before)
-    narrow = st.LayerStats.from_gram(np.eye(K - 1)[None], np.zeros((1, K - 1)), 1)
-    ad.narrow_wide_stats(narrow)  # solved in float64: left alone
-    assert narrow.packed.dtype == np.float64
-
-
 def _stem_and_layer_model(kind: str) -> onnx.ModelProto:
     """x -> stem (Conv or MatMul) -> Relu -> the layer under test (output y)."""
     from onnx import TensorProto, helper
@@ -391,3 +376,13 @@ def test_runs_split_by_requested_outputs_and_ort_intermediates():
     assert np.array_equal(got, np.arange(12))
     FakeRunner.intermediate = 0  # without intermediates the outputs alone: 25 samples fit
     assert [len(p["x"]) for p, _ in st._runs([FakeRunner()], batches, 250, False, "")] == [1, 6, 5]
+
+
+def test_trace_of_product_in_row_slices(monkeypatch):
+    rng = np.random.default_rng(9)
+    A = rng.standard_normal((70, 30)).astype(np.float32)
+    B = rng.standard_normal((30, 70))
+    want = float(np.trace(A.astype(np.float64) @ B))
+    assert ad.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
+    monkeypatch.setattr(ap, "_row_slices", lambda rows, K: [slice(r, r + 8) for r in range(0, rows, 8)])
+    assert ad.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
