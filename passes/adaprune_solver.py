@@ -734,7 +734,9 @@ def saliency(W: np.ndarray, H: np.ndarray | None = None,
     """Per-weight importance (higher = keep), shape of W.
 
     magnitude  |w|
-    activation |w| · sqrt(diag H)       (Wanda; the output energy the weight carries)
+    activation |w| · sqrt(diag Hd)      (Wanda; the output energy the weight carries, with
+                                         the damping λ of the other scores, so inputs the
+                                         data never moves still rank their weights by |w|)
     obs        w² / [Hd⁻¹]_ii           (Optimal Brain Surgeon: error of removing
                                          the weight alone with full compensation)
     """
@@ -745,7 +747,7 @@ def saliency(W: np.ndarray, H: np.ndarray | None = None,
         raise ValueError(f"saliency {kind!r} needs the Gram matrix H")
     _check(W, np.asarray(H))
     if kind == "activation":
-        return np.abs(W) * np.sqrt(np.maximum(np.diag(H), 0.0))
+        return np.abs(W) * np.sqrt(np.maximum(np.diag(H), 0.0) + damping(H, damp))
     if kind == "obs":
         Hd = _damped(H, damp)
         c, low = scipy.linalg.cho_factor(Hd, lower=True, check_finite=False)

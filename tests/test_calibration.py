@@ -213,9 +213,12 @@ def test_saliency_kinds():
     H, _ = correlated_h(rng, 8)
     W = rng.standard_normal((3, 8))
     np.testing.assert_allclose(ap.saliency(W, None, "magnitude"), np.abs(W))
-    np.testing.assert_allclose(ap.saliency(W, H, "activation"),
-                               np.abs(W) * np.sqrt(np.diag(H)))
     Hd = H + 0.01 * np.mean(np.diag(H)) * np.eye(8)
+    np.testing.assert_allclose(ap.saliency(W, H, "activation"), np.abs(W) * np.sqrt(np.diag(Hd)))
+    dead = H.copy()
+    dead[:4, :] = dead[:, :4] = 0  # inputs the data never moves: their weights still rank by |w|
+    act = ap.saliency(W, dead, "activation")
+    np.testing.assert_allclose(act[:, :4] / np.abs(W[:, :4]), np.sqrt(0.01 * np.mean(np.diag(dead))))
     np.testing.assert_allclose(ap.saliency(W, H, "obs"),
                                W**2 / np.diag(np.linalg.inv(Hd)), rtol=1e-8)
     with pytest.raises(ValueError):
