@@ -103,9 +103,14 @@ def _concrete_dims(name, dims, batch_size, dim_overrides) -> list[int]:
                 if any(k in low for k in keys):
                     value = v
                     break
-        log.info("input %s: dimension %d (%s) set to %d", name, i, d or "unknown", value)
+        if (name, i, d, value) not in _TOLD:  # once per process, not once per generated batch
+            _TOLD.add((name, i, d, value))
+            log.info("input %s: dimension %d (%s) set to %d", name, i, d or "unknown", value)
         out.append(value)
     return out
+
+
+_TOLD: set = set()
 
 
 def _generate(name, dtype, shape, rng) -> np.ndarray:

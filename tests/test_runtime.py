@@ -562,3 +562,15 @@ def test_verify_reuses_sessions(models):
     sess = load(compiled)
     res = verify_models(original, compiled, [{"x": np.ones((2, K), np.float32)}], compiled_session=sess)
     assert res["outputs"]["logits"]["samples"] == 2
+
+
+def test_a_guessed_dimension_is_told_once(caplog):
+    import logging
+
+    from nmcompile.runtime import bench
+
+    with caplog.at_level(logging.INFO, logger="nmcompile"):
+        dims = [bench._concrete_dims("told_once_input", ["N", "S"], 4, None) for _ in range(3)]  # one per verify batch
+    assert dims[0][0] == 4 and dims[0] == dims[1] == dims[2]
+    told = [r for r in caplog.records if "told_once_input" in r.getMessage()]
+    assert len(told) == 1
