@@ -84,6 +84,8 @@ class CompileOptions:
             raise UserError("--max-error needs --quantize")
         if self.quant_sensitivity and self.quantize is None:
             raise UserError("--sensitivity needs --quantize")
+        if self.quant_sensitivity and self.calib is None:
+            raise UserError("--sensitivity needs --calib DATA (it measures each layer on the data)")
         if self.calib_table and self.quantize == "int8":
             raise UserError("--calib-table is for implicit int8 builds of a float model; --quantize int8 writes explicit QDQ instead")
 
@@ -254,6 +256,10 @@ def compile_model(
         ctx.artifacts["calib_batches"] = calibration_batches(loaded, options)
     build_pipeline(options)(ctx)
     report = build_report(ctx, model_path)
+    if not report["layers"] and any(n.domain == "nmcompile" for n in loaded.model.graph.node):
+        # a --quantize log/lut output: its weights are codes behind decode functions
+        raise UserError(f"{model_path}: its weights are coded by an earlier nmcompile --quantize log/lut "
+                        "(decode functions), so there is nothing left to prune or quantize; compile the original model")
 
     from nmcompile.runtime.providers import provider_config
 
@@ -267,7 +273,8 @@ def compile_model(
         table_name = paths.model.name.removesuffix(".onnx") + ".calibration.cache"
         table_text, _ = format_calibration_table(collect_ranges(loaded, ctx.artifacts["calib_batches"]()))
         table = (paths.model.parent / "trt_cache" / table_name, table_text)
-    pattern = options.pattern
+    # the sparsity TensorRT may use is what the weights follow, not what was asked for
+    pattern = options.pattern if report["totals"]["pruned_layers"] else None
     ep = provider_config(
         pattern=(pattern.n, pattern.m) if pattern else None,
         sequential=options.sequential,

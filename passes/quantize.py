@@ -917,6 +917,10 @@ class _Int8:
         if problem:
             layer.reason = f"weight not quantizable: {problem}"
             return layer
+        if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
+            # an int8 model compiled again: its Q/DQ pairs would be doubled
+            layer.reason = "weight already quantized (read through DequantizeLinear)"
+            return layer
         for use in target.uses:
             node = use.node
             feed = _weight_feed(target, use)
@@ -1324,6 +1328,7 @@ class _Int8:
         wslot = {q.node.name: (q.w_slot, wname[(l.target.weight, q.wkey)]) for l in active for q in l.quses}
         split = {q.node.name for l in active for q in l.quses if self._split_bias(q, pts)}
         out_nodes = list(head) + after.get("", [])
+        replaced: set[str] = set()  # Gemm biases moved into an Add as bias * beta
         for node in self.base_nodes:
             n = onnx.NodeProto()
             n.CopyFrom(node)
@@ -1343,6 +1348,7 @@ class _Int8:
                 if beta != 1.0:
                     scaled = namer(f"{bias}_times_beta")
                     new_inits[scaled] = (np.asarray(self.loaded.array(bias), np.float32) * np.float32(beta)).astype(np.float32)
+                    replaced.add(bias)  # dropped below unless something else reads it
                     bias = scaled
                 tmp = namer(f"{y}_without_bias")
                 del n.input[2:]
@@ -1353,7 +1359,7 @@ class _Int8:
                 out_nodes.append(helper.make_node("Add", [tmp, bias], [y], name=namer(f"{node.name}_bias")))
             out_nodes.extend(after.get(node.name, []))
         chain_nodes = {c.name for l in active for q in l.quses for c in q.use.chain}
-        candidates = {l.target.weight for l in active}
+        candidates = {l.target.weight for l in active} | replaced
         for l in active:
             for q in l.quses:
                 for c in q.use.chain:

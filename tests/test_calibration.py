@@ -799,3 +799,20 @@ def test_parallel_matmul_rounding_does_not_depend_on_workers(monkeypatch):
     results = [ap.parallel_matmul(A, B, workers=w) for w in (1, 2, 3, 8)]
     for r in results[1:]:
         assert np.array_equal(r, results[0])
+
+
+def test_joint_keep_set_choice_only_where_the_sets_are_few(monkeypatch):
+    from nmcompile.passes import adaprune as ad
+
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((4, 64))
+    H, _ = correlated_h(rng, 64)
+    use = type("Use", (), {"op": "MatMul", "eff_shape": (64, 4)})()
+    calls = []
+    real = ap._group_choice
+    monkeypatch.setattr(ap, "_group_choice", lambda *a: calls.append(1) or real(*a))
+    for n, m, joint in ((2, 4, True), (4, 8, True), (8, 16, False), (8, 32, False)):
+        calls.clear()
+        keep = ad.joint_mask_score(W, lambda g, order, dtype: H.astype(dtype), 0, use, n, m, 0.01)
+        assert (keep.reshape(4, -1, m).sum(axis=2) == n).all()
+        assert bool(calls) == joint  # 8:16 would try 12870 keep sets per group, 8:32 10.5 million

@@ -299,3 +299,26 @@ def test_calibration_data_the_model_cannot_run(run_cli, tmp_path):
     onnx.save(zoo.bert_encoder(layers=1, hidden=32, heads=2, vocab=64, seq=8), str(src))
     np.savez(tmp_path / "c.npz", input_ids=np.full((4, 8), 10**6, np.int64))
     assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", expect="could not run the model on the calibration data")
+
+
+def test_a_coded_model_cannot_be_compiled_again(run_cli, tmp_path):
+    import json
+
+    from conftest import MODELS
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    code, _, err = run_cli(src, "--pattern", "none", "--quantize", "lut", "--bits", "4", "-o", tmp_path / "lut.onnx", "-q")
+    assert code == 0, err
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(tmp_path / "lut.onnx", "--pattern", "2:4", "-o", tmp_path / "again.onnx", "-q")
+    assert code == 2 and err.count("\n") == 1 and "coded by an earlier nmcompile --quantize log/lut" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # --sensitivity measures on data: without --calib it is refused, like --max-error
+    code, _, err = run_cli(src, "--quantize", "lut", "--sensitivity", "-o", tmp_path / "s.onnx")
+    assert code == 2 and "--sensitivity needs --calib" in err
+    # nothing pruned (every layer excluded): the configuration does not ask TensorRT for sparse kernels
+    code, _, err = run_cli(src, "--pattern", "2:4", "--exclude", "*", "-o", tmp_path / "dense.onnx", "-q")
+    assert code == 0, err
+    ep = json.loads((tmp_path / "dense.ep.json").read_text())
+    assert ep["providers"][0][1]["trt_sparsity_enable"] is False

@@ -616,3 +616,33 @@ def test_float16_weights_decode_exactly_and_fold_at_load(work, mode, granularity
         assert np.array_equal(decoded[t.weight].view(np.uint16), ref.view(np.uint16))
     ops = optimized_op_counts(out)
     assert not {"Mul", "Gather", "ScatterElements"} & set(ops), ops  # nothing of the decode is left to run
+
+
+def _gemm_beta_model(folder, beta=2.0):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="fc", transB=1, beta=beta)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), folder / "m.onnx")
+    np.savez(folder / "c.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    return folder / "m.onnx", folder / "c.npz"
+
+
+def test_int8_gemm_beta_leaves_no_dead_bias_and_int8_twice_changes_nothing(tmp_path):
+    from nmcompile.pipeline import compile_model
+
+    src, calib = _gemm_beta_model(tmp_path)
+    once = compile_model(src, output=tmp_path / "q.onnx", pattern=None, quantize="int8", calib=calib)
+    m = onnx.load(once.paths.model)
+    read = {x for n in m.graph.node for x in n.input}
+    assert [t.name for t in m.graph.initializer if t.name not in read] == []  # B became B * beta in an Add
+    twice = compile_model(once.paths.model, output=tmp_path / "q2.onnx", pattern=None, quantize="int8", calib=calib)
+    (row,) = twice.report["layers"]
+    assert "weight already quantized" in str(row)
+    ops = lambda p: sorted(n.op_type for n in onnx.load(p).graph.node)
+    assert ops(twice.paths.model) == ops(once.paths.model)  # no second Q/DQ pair
