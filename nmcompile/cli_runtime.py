@@ -24,17 +24,16 @@ def _require_file(path: str) -> Path:
     return p
 
 
-def _labelled_data(path: str | None, model_path: Path, accept_labels: bool = True):
-    """(data, labels), checked against the model: with ``accept_labels``, an array
+def _labelled_data(path: str | None, model, accept_labels: bool = True):
+    """(data, labels), checked against ``model`` (a ModelProto the caller has loaded
+    already): with ``accept_labels``, an array
     named ``labels`` that is not a model input holds class indices to score
     classifier outputs against (None when absent)."""
     if path is None:
         return None, None
-    from . import graphio
     from .calibdata import load_calibration, validate_calibration
 
     data = load_calibration(path)
-    model = graphio.load_model(model_path).model
     labels = None
     if accept_labels and "labels" in data and "labels" not in {i.name for i in model.graph.input}:
         import numpy as np
@@ -73,16 +72,16 @@ def run_verify(argv: list[str]) -> int:
 
     original = _require_file(args.original)
     compiled = _require_file(args.compiled)
-    graphio.load_model(original)
+    original_model = graphio.load_model(original).model
     graphio.load_model(compiled)
     if args.calib_batch <= 0:
         raise UserError("--calib-batch must be positive")
     batches = None
-    data, labels = _labelled_data(args.calib, original)
+    data, labels = _labelled_data(args.calib, original_model)
     if data is not None:
         from .calibdata import iter_batches
 
-        batches = list(iter_batches(graphio.load_model(original).model, data, args.calib_batch))
+        batches = list(iter_batches(original_model, data, args.calib_batch))
     result = verify_models(original, compiled, batches, labels=labels)
     print(json.dumps(result, indent=2, default=float) if args.json else format_verify_table(result))
     return 0
@@ -103,16 +102,16 @@ def run_bench(argv: list[str]) -> int:
     from .runtime.bench import bench_models, format_bench_table
 
     model = _require_file(args.model)
-    graphio.load_model(model)
+    inputs_of = graphio.load_model(model).model  # the model whose inputs the data must match
     baseline = None
     if args.baseline:
         baseline = _require_file(args.baseline)
-        graphio.load_model(baseline)
+        inputs_of = graphio.load_model(baseline).model
     if args.warmup < 0 or args.iterations <= 0:
         raise UserError("--warmup must be >= 0 and --iterations > 0")
     if args.threads is not None and args.threads <= 0:
         raise UserError("--threads must be positive")
-    data, _ = _labelled_data(args.calib, baseline or model, accept_labels=False)
+    data, _ = _labelled_data(args.calib, inputs_of, accept_labels=False)
     rows = bench_models(
         model,
         baseline=baseline,

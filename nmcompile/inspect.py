@@ -9,6 +9,7 @@ import numpy as np
 
 from nmcompile.passes.base import CompileContext
 from nmcompile.passes.canonicalize import ConstantsToInitializers, NameNodes
+from nmcompile.passes.nm_mask import group_max_nonzeros
 from nmcompile.passes.targets import WeightView, find_targets
 
 from . import graphio
@@ -44,10 +45,7 @@ def transposable_n(weight: np.ndarray, m: int, out_axis: int, red_axis: int) -> 
 
 def inspect_model(path: str | os.PathLike) -> dict:
     """Per-layer sparsity and the N:M patterns each target weight satisfies."""
-    from nmcompile.passes import (
-        nm_mask,  # numba kernels: not imported with the summary table
-    )
-    from nmcompile.passes.transposable import mask_diversity
+    from nmcompile.passes.transposable import mask_diversity  # numba kernels: only when inspecting
 
     from .pipeline import trt_row
 
@@ -65,7 +63,7 @@ def inspect_model(path: str | os.PathLike) -> dict:
             "weight": target.weight,
             "shape": list(use.eff_shape),
             "sparsity": float(np.count_nonzero(weight == 0) / weight.size) if weight.size else 0.0,
-            "smallest_n": {str(m): nm_mask.group_max_nonzeros(weight, m, use.red_axis) for m in INSPECT_M},
+            "smallest_n": {str(m): group_max_nonzeros(weight, m, use.red_axis) for m in INSPECT_M},
             "transposable": {},
         }
         for m in TRANSPOSABLE_M:

@@ -165,9 +165,7 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     calibrated = pruning and options.calib is not None
     passes = canonicalize_passes() + [FindTargets()]
     if pruning and options.permute:
-        from nmcompile.passes.permute import (
-            PermuteChannels,  # numba kernels: imported only when pruning
-        )
+        from nmcompile.passes.permute import PermuteChannels  # numba kernels: only with --permute
 
         passes.append(PermuteChannels())  # before statistics: they must see the permuted channels
     if calibrated and options.sequential_calib:
