@@ -23,8 +23,8 @@ from .adaprune_solver import (
     adaprune_rows,
     bias_correction,
     quadratic_trace,
-    reconstruction_error,
     saliency,
+    trace_of_product,
 )
 from .base import CompileContext, Pass, PassResult
 from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node
@@ -210,16 +210,6 @@ def stats_gram(stats: list[LayerStats]) -> GramSource:
     return gram_of
 
 
-def full_gram(gram: np.ndarray) -> GramSource:
-    """A GramSource over a (G, K, K) array already in memory."""
-
-    def gram_of(g: int, order: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
-        h = gram[g] if order is None else gram[g][np.ix_(order, order)]
-        return np.array(h, dtype=dtype, copy=True)
-
-    return gram_of
-
-
 def block_scores(kind: str, blocks: list[np.ndarray], gram_of: GramSource, target: Target, opts, damp: float) -> list[np.ndarray]:
     """Per-group score matrices for the mask pass (the joint SparseGPT choice only fits plain N:M)."""
     plain = not (getattr(opts, "sequential", False) or getattr(opts, "transposable", False) or target.transposable)
@@ -248,20 +238,19 @@ def joint_mask_score(w: np.ndarray, gram_of: GramSource, g: int, use: Use, n: in
     """
     from .adaprune_solver import channel_last_order, sparsegpt_mask_and_update
 
-    dtype = solver_dtype(w.shape[1])
     select = "group" if math.comb(m, n) <= JOINT_MAX_KEEP_SETS else "obs"
     spatial = int(np.prod(use.eff_shape[2:], dtype=np.int64)) if use.op == "Conv" else 1
-    # the sweep works on its own float64 copy of w
-    if spatial == 1:  # groups are already consecutive
-        h = gram_of(g, None, dtype)
-        mask, _ = sparsegpt_mask_and_update(w, h, n, m, damp, select=select, safeguard=False, overwrite_h=True)
-        return mask.astype(np.float32)
-    order = channel_last_order(use.eff_shape[1], use.eff_shape[2:])
-    h = gram_of(g, order, dtype)
-    mask, _ = sparsegpt_mask_and_update(w[:, order], h, n, m, damp, select=select, safeguard=False, overwrite_h=True)
-    keep = np.empty_like(mask)
-    keep[:, order] = mask
-    return keep.astype(np.float32)
+    # dense layers and 1×1 convs: the groups are already consecutive
+    order = None if spatial == 1 else channel_last_order(use.eff_shape[1], use.eff_shape[2:])
+    h = gram_of(g, order, solver_dtype(w.shape[1]))
+    # the sweep works on its own copy of w (float32 for wide layers)
+    mask, _ = sparsegpt_mask_and_update(w if order is None else w[:, order], h, n, m, damp,
+                                        select=select, safeguard=False, overwrite_h=True)
+    if order is not None:
+        keep = np.empty_like(mask)
+        keep[:, order] = mask
+        mask = keep
+    return mask.astype(np.float32)
 
 
 class AdaPrune(Pass):
@@ -303,10 +292,10 @@ class AdaPrune(Pass):
                 # float32 in and out, as the weights are stored: the solver keeps its own float64 work
                 fitted = adaprune_rows(w, keep, h, damp=self.damp)
                 masked = np.where(keep, w, np.float32(0.0))
-                base = output_energy(w, h)
-                energy += base
-                err_masked += reconstruction_error(w, masked, h) * base
-                err_fit += reconstruction_error(w, fitted, h) * base
+                # ‖(W − W')X‖² summed over the groups, over Σ‖WX‖²: one output energy per group
+                energy += quadratic_trace(w, h)
+                err_masked += max(quadratic_trace(w, h, masked), 0.0)
+                err_fit += max(quadratic_trace(w, h, fitted), 0.0)
                 new_blocks.append(fitted)
                 del h
             new = from_row_blocks(new_blocks, use).astype(np.float32)
@@ -334,20 +323,6 @@ def note_few_vectors(row: dict, vectors: int, inputs: int) -> None:
     if vectors < inputs:
         row["calibration_warning"] = (f"{vectors} calibration vectors for {inputs} inputs: "
                                       "the re-fit can overfit (more samples, or --no-adaprune)")
-
-
-def trace_of_product(a: np.ndarray, b: np.ndarray) -> float:
-    """tr(A B) for A (O, K) and B (K, O) in float64, a few MB of A's rows at a time
-    (no whole-layer float64 copy of a float32 A; einsum: no BLAS threads)."""
-    from .adaprune_solver import _row_slices
-
-    return float(sum(np.einsum("ij,ji->", np.asarray(a[sl], np.float64), b[:, sl])
-                     for sl in _row_slices(a.shape[0], a.shape[1])))
-
-
-def output_energy(w: np.ndarray, h: np.ndarray) -> float:
-    """tr(W H Wᵀ) in H's precision (no float64 copy of a float32 H), in row blocks."""
-    return quadratic_trace(w, h)
 
 
 # -- bias correction ---------------------------------------------------------------------
@@ -530,6 +505,12 @@ def mask_uncalibratable(ctx: CompileContext) -> list[Target]:
     return fit
 
 
+def shares_stats(mine: list[LayerStats], others: list[LayerStats]) -> bool:
+    """Whether a layer still to come reads one of these statistics objects (Q, K and V
+    share one input's): then its packed Gram must not be released."""
+    return any(a is b for a in mine for b in others)
+
+
 def default_stats_budget(loaded) -> int:
     """As many bytes of statistics as the model has weights (64-512 MiB): peak memory
     then scales with the model, at one pass over the data per chunk."""
@@ -607,9 +588,8 @@ class Calibrate(Pass):
                 NMMask(only=[t]).run(ctx)
                 ctx.artifacts.get("scores", {}).pop(t.name, None)  # the mask is chosen: free them before the re-fit
                 if self.refit:
-                    mine = ctx.artifacts["stats"].get(t.name, [])
-                    # Grams shared with a layer still to come (same input) must stay
-                    shared = any(a is b for other, theirs in ctx.artifacts["stats"].items() if other != t.name for a in mine for b in theirs)
+                    others = [s for other, theirs in ctx.artifacts["stats"].items() if other != t.name for s in theirs]
+                    shared = shares_stats(ctx.artifacts["stats"].get(t.name, []), others)
                     AdaPrune(self.damp, only=[t], release_stats=not shared).run(ctx)
                 ctx.artifacts["stats"].pop(t.name, None)
                 ctx.artifacts["dense_weights"].pop(t.name, None)
@@ -723,8 +703,7 @@ class SequentialCalibration(Pass):
             for t in wave:
                 wt, per_use = targets_w.pop(t.name)
                 if self.refit:
-                    # a Gram shared with a layer still to come (Q, K, V) must stay
-                    shared = any(c.stats is o.stats for _, rest in targets_w.values() for o in rest for c in per_use)
+                    shared = shares_stats([c.stats for c in per_use], [o.stats for _, rest in targets_w.values() for o in rest])
                     self._refit(ctx, t, wt, per_use, release_stats=not shared)
                 scores.pop(t.name, None)
                 dense_weights.pop(t.name, None)
@@ -732,7 +711,7 @@ class SequentialCalibration(Pass):
         return PassResult(True)
 
     def _refit(self, ctx: CompileContext, t: Target, wt: list[np.ndarray], per_use: list,
-               release_stats: bool = False) -> None:
+               release_stats: bool) -> None:
         start = time.perf_counter()
         use = t.primary
         gram_of = stats_gram([c.stats for c in per_use])
@@ -750,12 +729,8 @@ class SequentialCalibration(Pass):
             base = sum(float(c.energy[g]) for c in per_use)
             target = per_use[0].target[g] if len(per_use) == 1 else sum(c.target[g] for c in per_use)
             masked = np.where(k, dense_blocks[g], np.float32(0.0))
-            for cand, bucket in ((masked, "m"), (new, "f")):
-                e = base - 2 * trace_of_product(cand, target) + quadratic_trace(cand, h)
-                if bucket == "m":
-                    err_m += e
-                else:
-                    err_f += e
+            err_m += base - 2 * trace_of_product(masked, target) + quadratic_trace(masked, h)
+            err_f += base - 2 * trace_of_product(new, target) + quadratic_trace(new, h)
             energy += base
             new_blocks.append(new)
             del h

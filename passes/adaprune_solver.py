@@ -83,6 +83,7 @@ __all__ = [
     "best_group_mask_exact",
     "reconstruction_error",
     "quadratic_trace",
+    "trace_of_product",
     "bias_correction",
     "inverse_cholesky_upper",
     "top_eigenpairs",
@@ -870,6 +871,13 @@ def quadratic_trace(A: np.ndarray, H: np.ndarray, B: np.ndarray | None = None) -
         D = np.asarray(A[sl], dtype=np.float64) if B is None else np.subtract(A[sl], B[sl], dtype=np.float64)
         total += float(np.einsum("ij,ij->", parallel_matmul(D.astype(H.dtype, copy=False), H), D))
     return total
+
+
+def trace_of_product(a: np.ndarray, b: np.ndarray) -> float:
+    """tr(A B) for A (O, K) and B (K, O) in float64, a few MB of A's rows at a time
+    (no whole-layer float64 copy of a float32 A; einsum: no BLAS threads)."""
+    return float(sum(np.einsum("ij,ji->", np.asarray(a[sl], np.float64), b[:, sl])
+                     for sl in _row_slices(a.shape[0], a.shape[1])))
 
 
 @_single_threaded

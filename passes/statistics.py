@@ -29,8 +29,8 @@ over the threads (no K×K partial product). Peak: one run's requested
 activations, plus the jobs in flight (capped near 64 MiB but at least one job
 per worker); never all activations. The accumulators hold the upper triangle of each Gram,
 G·K(K+1)/2 float64 per distinct layer input — for a transformer still ~1.6× its
-fp32 weights — and ``plan_passes`` splits the layers over several passes when
-that is too much.
+fp32 weights — and the caller splits the layers over several passes when that
+is too much (``adaprune.plan_chunks``).
 
 Precision: with ``precision="float32"`` (default) each chunk's product ``PᵀP`` is
 one float32 SYRK/GEMM (at most ``chunk_bytes`` of rows, a few thousand rows) and
@@ -73,7 +73,6 @@ __all__ = [
     "stats_nbytes",
     "pack_upper",
     "unpack_upper",
-    "plan_passes",
     "graph_input_names",
     "fixed_batch_size",
 ]
@@ -212,7 +211,7 @@ class LayerStats:
                 out[i, i:] += seg
                 out[i + 1:, i] += seg[1:]
             return out
-        idx = np.arange(K, dtype=np.int64) if order is None else np.asarray(order, np.int64)
+        idx = np.asarray(order, np.int64)
         # a few int64 index arrays of step × K each: ~2 MB apiece
         step = max(1, (2 << 20) // (8 * max(K, 1)))
         for r0 in range(0, K, step):
@@ -735,14 +734,15 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     workers = cpu_workers() if threads is None else max(1, int(threads))
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        for part, (tensors, *_) in _runs(runners, batches, activation_bytes, progress, "calibration"):
+        for part, outs in _runs(runners, batches, activation_bytes, progress, "calibration"):
+            tensors = outs[0] if outs else {}
             jobs = []
             for acc in accs.values():
                 t = acc.spec.input
                 jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t])]
             with blas_single_thread():
                 _run_jobs(jobs, pool, workers)
-            del tensors, jobs
+            del outs, tensors, jobs
     finally:
         if pool is not None:
             pool.shutdown()
@@ -878,7 +878,7 @@ def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarr
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         for part, outs in _runs(runners, batches, activation_bytes, progress, "calibration (sequential)"):
-            got_d, got_s = (outs if runners else ({}, {}))
+            got_d, got_s = outs or ({}, {})
             jobs = []
             for acc in grams.values():
                 xs = got_s.get(acc.spec.input, part.get(acc.spec.input))
@@ -912,7 +912,6 @@ class _Runner:
         self.wanted = wanted
         self.model = model
         self.sess, self.weights = _build_session(model, wanted, base_dir, overrides)
-        self._largest: int | None = None
         self.inputs = [i.name for i in self.sess.get_inputs()]
         self.dynamic = all(not isinstance(i.shape[0], int) for i in self.sess.get_inputs()
                            if i.name not in self.weights and i.shape)
@@ -920,10 +919,7 @@ class _Runner:
     def largest(self, part: Mapping[str, np.ndarray]) -> int:
         """_largest_activation with the graph inputs' sizes past the batch axis
         taken from ``part`` (sequence lengths left symbolic in the model become known)."""
-        if self._largest is None:
-            self._largest = _largest_activation(self.model, self.wanted,
-                                                {k: np.shape(v) for k, v in part.items()})
-        return self._largest
+        return _largest_activation(self.model, self.wanted, {k: np.shape(v) for k, v in part.items()})
 
     def __call__(self, part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {k: part[k] for k in self.inputs if k in part}
@@ -950,7 +946,7 @@ def _largest_activation(model: onnx.ModelProto, wanted: list[str],
     small (7×7 maps) while the stem's 112×112 maps pass through ORT on the way,
     which for 8 images is ~80 MB that no requested output shows."""
     g = model.graph
-    m, _, _ = _subgraph(model, wanted)
+    m, _, used = _subgraph(model, wanted)
     declared = {vi.name for vi in g.input}
     for vi in m.graph.input:
         shape = (input_shapes or {}).get(vi.name)
@@ -960,7 +956,7 @@ def _largest_activation(model: onnx.ModelProto, wanted: list[str],
         for d, n in zip(list(dims)[1:], shape[1:]):
             d.dim_value = int(n)  # replaces a dim_param
     for t in g.initializer:
-        if t.name in declared:
+        if t.name in declared or t.name not in used:  # only what the kept nodes read
             continue
         if t.data_type in (TensorProto.INT64, TensorProto.INT32) and t.data_location != TensorProto.EXTERNAL and len(t.dims) <= 1:
             m.graph.initializer.append(t)  # shape constants: Reshape targets (attention heads) become known
@@ -1012,7 +1008,7 @@ def _runs(runners: list[_Runner], batches, activation_bytes: int, progress: bool
                 # ORT's own intermediates on the way: an op's input and output and a skip branch
                 per_sample += 3 * max(r.largest(part) for r in runners)
                 per_run = max(1, int(activation_bytes // max(per_sample, 1.0)))
-            yield part, outs or [{}]
+            yield part, outs
             del outs
             if start >= n:
                 break
@@ -1033,30 +1029,3 @@ def stats_nbytes(groups: int, features: int) -> int:
     """Bytes one accumulator holds: the packed float64 upper triangle and sums
     (plus, transiently, one float32 partial product per job in flight)."""
     return groups * (features * (features + 1) // 2 + features) * 8
-
-
-def plan_passes(specs: Sequence[LayerSpec], shapes: Mapping[str, tuple[int, int]],
-                budget_bytes: int) -> list[list[LayerSpec]]:
-    """Split ``specs`` (in the given order, e.g. topological) into consecutive
-    groups whose accumulators fit in ``budget_bytes``; ``shapes[name] = (G, K)``.
-    Specs sharing an accumulator are counted once. A single layer over the budget
-    gets a pass of its own. Run ``collect_statistics`` once per group (each pass
-    is a full run over the calibration data) when all Grams at once would not fit
-    in memory (e.g. ResNet-50's 3×3 convs: K = 4608, 170 MB each in float64)."""
-    passes: list[list[LayerSpec]] = []
-    cur: list[LayerSpec] = []
-    seen: set[tuple] = set()
-    used = 0
-    for s in specs:
-        G, K = shapes[s.name]
-        cost = 0 if s.key() in seen else stats_nbytes(G, K)
-        if cur and used + cost > budget_bytes:
-            passes.append(cur)
-            cur, seen, used = [], set(), 0
-            cost = stats_nbytes(G, K)
-        cur.append(s)
-        seen.add(s.key())
-        used += cost
-    if cur:
-        passes.append(cur)
-    return passes

@@ -19,7 +19,6 @@ from nmcompile.passes.statistics import (
     conv_output_shape,
     fixed_batch_size,
     im2col,
-    plan_passes,
     spec_from_node,
 )
 
@@ -493,14 +492,6 @@ def test_statistics_bad_specs():
         collect_statistics(model, [LayerSpec("a", "h")], [], progress=False)
 
 
-def test_plan_passes():
-    from nmcompile.passes.statistics import stats_nbytes
-    specs = [LayerSpec(n, i) for n, i in (("a", "x"), ("b", "x"), ("c", "y"), ("d", "z"))]
-    shapes = {"a": (1, 100), "b": (1, 100), "c": (1, 100), "d": (1, 300)}
-    passes = plan_passes(specs, shapes, 2 * stats_nbytes(1, 100))
-    assert [[s.name for s in p] for p in passes] == [["a", "b", "c"], ["d"]]
-
-
 def test_packed_gram_roundtrip():
     from nmcompile.passes.statistics import LayerStats, pack_upper, unpack_upper
     rng = np.random.default_rng(21)
@@ -792,7 +783,7 @@ def test_calibration_member_shorter_than_its_header(tmp_path):
         data["a"][0:2]
 
 
-def test_parallel_matmul_rounding_does_not_depend_on_workers(monkeypatch):
+def test_parallel_matmul_rounding_does_not_depend_on_workers():
     rng = np.random.default_rng(21)
     A = rng.standard_normal((300, 600)).astype(np.float32)
     B = rng.standard_normal((600, 500)).astype(np.float32)

@@ -77,7 +77,6 @@ def test_gram_group_permuted_and_summed():
     assert stats.gram_group(0, order, np.float32).dtype == np.float32
     gram_of = ad.stats_gram([stats, stats])  # a weight shared by two layers reading the same input
     np.testing.assert_allclose(gram_of(1, order), 2 * H[1][np.ix_(order, order)], rtol=1e-14)
-    np.testing.assert_array_equal(ad.full_gram(H)(0, order), H[0][np.ix_(order, order)])
 
 
 def test_cg_with_float32_gram_reaches_the_float64_optimum():
@@ -180,6 +179,7 @@ def test_chunked_calibration_needs_no_dense_snapshot_and_matches_one_chunk(tmp_p
     monkeypatch.setattr(ad, "dense_snapshot", no_snapshot)
     compile_model(path, tmp_path / "many.onnx", pattern="2:4", calib=calib, stats_budget_mb=1e-6)
     a, b = onnx.load(tmp_path / "one.onnx"), onnx.load(tmp_path / "many.onnx")
+    assert len(a.graph.initializer) == len(b.graph.initializer)
     for ta, tb in zip(a.graph.initializer, b.graph.initializer):
         assert ta.name == tb.name
         np.testing.assert_allclose(onnx.numpy_helper.to_array(ta), onnx.numpy_helper.to_array(tb), rtol=1e-4, atol=1e-5)
@@ -383,6 +383,6 @@ def test_trace_of_product_in_row_slices(monkeypatch):
     A = rng.standard_normal((70, 30)).astype(np.float32)
     B = rng.standard_normal((30, 70))
     want = float(np.trace(A.astype(np.float64) @ B))
-    assert ad.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
+    assert ap.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
     monkeypatch.setattr(ap, "_row_slices", lambda rows, K: [slice(r, r + 8) for r in range(0, rows, 8)])
-    assert ad.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
+    assert ap.trace_of_product(A, B) == pytest.approx(want, rel=1e-12)
