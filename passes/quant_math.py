@@ -79,7 +79,6 @@ def _lazy_njit(**jit_kwargs):
 
         call.__name__ = fn.__name__
         call.__doc__ = fn.__doc__
-        call.py_func = fn
         return call
 
     return deco
@@ -1020,33 +1019,6 @@ def quantize_weight_per_channel(w, axis: int = 0, bits: int = 8) -> tuple[np.nda
     return q, scale
 
 
-def _tril_inverse(L: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by 2x2 blocks (inv [[A, 0], [C, D]] =
-    [[A^-1, 0], [-D^-1 C A^-1, D^-1]]), written into ``out``: matrix products only,
-    ~K^3/3 flops, numpy alone, one K x K result plus quarter-size temporaries."""
-    n = L.shape[0]
-    if out is None:
-        out = np.zeros_like(L)
-    if n <= 64:
-        out[...] = np.tril(np.linalg.inv(L))
-        return out
-    h = n // 2
-    _tril_inverse(L[:h, :h], out[:h, :h])
-    _tril_inverse(L[h:, h:], out[h:, h:])
-    out[h:, :h] = -(out[h:, h:] @ (L[h:, :h] @ out[:h, :h]))
-    return out
-
-
-def _inverse_cholesky_upper(Hd: np.ndarray, reversed_input: bool = False) -> np.ndarray:
-    """Upper U with Hd^-1 = U^T U: J inv(chol(J Hd J)) J (J the reversal), one Cholesky
-    and one triangular inverse instead of a full inverse and a second factorization.
-    ``reversed_input``: Hd is already J Hd J (saves a K x K copy). U is a reversed view."""
-    L = np.linalg.cholesky(Hd if reversed_input else np.ascontiguousarray(Hd[::-1, ::-1]))
-    Linv = _tril_inverse(L)
-    del L
-    return Linv[::-1, ::-1]
-
-
 def gptq_round(w, scale, gram, bits: int = 8, damp: float = 0.01, blocksize: int = 128,
                return_errors: bool = False):
     """Error-compensating rounding of a (O, K) weight onto fixed per-row grids (GPTQ).
@@ -1085,15 +1057,11 @@ def gptq_round(w, scale, gram, bits: int = 8, damp: float = 0.01, blocksize: int
     nearest = np.clip(np.rint(w / s[:, None]), -qm, qm)
     if O == 0 or K == 0:
         return (nearest.astype(np.int8), np.zeros(O), np.zeros(O)) if return_errors else nearest.astype(np.int8)
-    # reversed, damped copy J (H + lambda I) J (J the reversal): see _inverse_cholesky_upper
-    Hr = np.array(H[::-1, ::-1], dtype=np.float64, order="C")
-    diag = np.einsum("ii->i", Hr)
-    mean = float(diag.mean())
-    diag += damp * mean if mean > 0 else 0.0
-    diag[diag <= 0] = 1.0  # dead inputs: nothing to fit, keep the factorization defined
-    # U upper with (H + lambda I)^-1 = U^T U: the Cholesky factor of the inverse
-    U = _inverse_cholesky_upper(Hr, reversed_input=True)
-    del Hr
+    # U upper with (H + lambda I)^-1 = U^T U: the Cholesky factor of the inverse, the
+    # SparseGPT sweep's own factorization (one float64 K x K copy of H, factored in place)
+    from .adaprune_solver import damp_in_place, inverse_cholesky_upper
+
+    U = inverse_cholesky_upper(damp_in_place(np.array(H, dtype=np.float64), damp), overwrite=True)
     sparse = not keep.all()
     # columns are stored as rows (W transposed) so each step touches contiguous memory
     WT = np.array(w.T, order="C", copy=True)  # never a view of w (w may be Fortran-ordered)

@@ -371,7 +371,7 @@ class QuantOptions:
             float16_params=_flag(getattr(opts, "float16_params", None), True),
             quantize_tables=_flag(getattr(opts, "quantize_tables", None), True),
             weight_rounding=rounding,
-            damp=float(getattr(opts, "damp", None) or 0.01),
+            damp=0.01 if getattr(opts, "damp", None) is None else float(opts.damp),
         )
 
 
@@ -756,11 +756,6 @@ class _Evaluator:
         return meter.result()
 
 
-def _progress(ctx: CompileContext, items, desc: str):
-    """ctx.progress only when a progress bar is asked for (it imports tqdm: ~15 ms)."""
-    return ctx.progress(items, desc=desc) if getattr(ctx.options, "progress", False) else items
-
-
 def _take_samples(make: Callable[[], Iterable[Mapping[str, np.ndarray]]], limit: int) -> list[dict]:
     out, n = [], 0
     for b in make():
@@ -822,6 +817,17 @@ def _chain_problem(loaded, target: Target) -> str | None:
         problem = chain_problem(use.chain, stored)
         if problem:
             return problem
+    return None
+
+
+def _weight_problem(loaded, target: Target) -> str | None:
+    """Why a weight cannot be quantized (every mode), as the report says it; None: it can."""
+    problem = _chain_problem(loaded, target)
+    if problem:
+        return f"weight not quantizable: {problem}"
+    if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
+        # a quantized model compiled again: its codes would be coded twice
+        return "weight already quantized (read through DequantizeLinear)"
     return None
 
 
@@ -913,13 +919,8 @@ class _Int8:
     # -- plan -----------------------------------------------------------------
     def _layer(self, target: Target) -> _Int8Layer:
         layer = _Int8Layer(target, [])
-        problem = _chain_problem(self.loaded, target)
-        if problem:
-            layer.reason = f"weight not quantizable: {problem}"
-            return layer
-        if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
-            # an int8 model compiled again: its Q/DQ pairs would be doubled
-            layer.reason = "weight already quantized (read through DequantizeLinear)"
+        layer.reason = _weight_problem(self.loaded, target)
+        if layer.reason:
             return layer
         for use in target.uses:
             node = use.node
@@ -1015,7 +1016,7 @@ class _Int8:
             return outs
 
         nbatches = 0
-        for batch in _progress(self.ctx, make_batches(), "calibration: max |x|"):
+        for batch in self.ctx.progress(make_batches(), desc="calibration: max |x|"):
             nbatches += 1
             keep_ref = ref is not None and ref.samples < reference_samples
             outs = tensors_of(batch, out_names if keep_ref else run_names)
@@ -1048,8 +1049,10 @@ class _Int8:
             gram_by_tensor.setdefault(t, []).append((key, spec))
         # BLAS single-threaded for the Gram products: OpenBLAS's own threads stall next to ORT's pool
         # (measured: running them on a worker thread beside ORT's next batch saved nothing here)
-        with _blas_single_thread() if gram_by_tensor else contextlib.nullcontext():
-            for batch in _progress(self.ctx, make_batches(), "calibration: histograms"):
+        if gram_by_tensor:
+            from .adaprune_solver import blas_single_thread  # gptq only: scipy stays unloaded otherwise
+        with blas_single_thread() if gram_by_tensor else contextlib.nullcontext():
+            for batch in self.ctx.progress(make_batches(), desc="calibration: histograms"):
                 for t, a in tensors_of(batch, hist_names).items():
                     h = stats[t].hist
                     if h is not None:
@@ -1180,11 +1183,13 @@ class _Int8:
             for (layer, q), eff, (wq, scale) in zip(members, effs, near):
                 self._set_weight(layer, q, eff, wq, scale, "nearest", None)
             return
+        from .adaprune_solver import blas_single_thread
+
         try:
-            with _blas_single_thread():
+            with blas_single_thread():
                 if members[0][1].use.op == "Conv":
                     (layer, q), eff, (_, scale) = members[0], effs[0], near[0]
-                    wq, ratio = _gptq_weight(eff, scale, gram, q.use, self.qopts.damp)
+                    wq, ratio = _gptq_conv_weight(eff, scale, gram, self.qopts.damp)
                     self._set_weight(layer, q, eff, wq, scale, "gptq", ratio)
                     return
                 rows = [_rows_of(eff, q.use) for (_, q), eff in zip(members, effs)]
@@ -1438,23 +1443,6 @@ GPTQ_MAX_FEATURES = 4096  # gptq rounding for layers with at most this many inpu
 GPTQ_GRAM_BYTES = 512 << 20  # and at most this much Gram memory in all; beyond, nearest rounding
 
 
-_BLAS = None
-
-
-def _blas_single_thread():
-    """One BLAS thread for the Gram products and gptq (as adaprune_solver.blas_single_thread,
-    without importing scipy: ~0.5 s and ~30 MB for a calibration that takes ~0.1 s):
-    OpenBLAS's own threads stall on a busy machine next to ORT's pool."""
-    global _BLAS
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - optional at run time
-        return contextlib.nullcontext()
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
 def _add_gram(grams: dict, key: tuple, spec, a: np.ndarray) -> None:
     """grams[key] += sum of x x^T over the batch `a` of the layer input (G, K, K float32).
 
@@ -1497,35 +1485,26 @@ def _from_rows(rows: np.ndarray, shape: tuple, use: Use) -> np.ndarray:
     return np.moveaxis(rows.reshape(moved), 0, use.out_axis)
 
 
-def _gptq_weight(eff: np.ndarray, scale: np.ndarray, gram: np.ndarray, use: Use,
-                 damp: float) -> tuple[np.ndarray, float | None]:
-    """gptq_round on each (O/G, K) row block of an effective weight (rows: output channels).
+def _gptq_conv_weight(eff: np.ndarray, scale: np.ndarray, gram: np.ndarray,
+                      damp: float) -> tuple[np.ndarray, float | None]:
+    """gptq_round on each conv group's (O/G, K) rows of an effective conv weight [O, I/G, kh, kw].
 
-    Returns the int8 weight in the effective layout and the layer's output error on the
-    calibration inputs (sum over rows of d H d^T) relative to nearest rounding's.
+    Returns the int8 weight and the layer's output error on the calibration inputs
+    (sum over rows of d H d^T) relative to nearest rounding's. (Dense layers go
+    through one gptq_round call with the rows of every layer sharing their input.)
     """
-    if use.op == "Conv":
-        O = eff.shape[0]
-        G = gram.shape[0]
-        per = O // G
-        rows = eff.reshape(O, -1)
-        blocks = [(slice(g * per, (g + 1) * per), g) for g in range(G)]
-        s = np.asarray(scale, np.float64).reshape(-1)
-    else:
-        rows = np.moveaxis(eff, use.out_axis, 0).reshape(eff.shape[use.out_axis], -1)
-        blocks = [(slice(None), 0)]
-        s = np.asarray(scale, np.float64).reshape(-1)
+    O = eff.shape[0]
+    per = O // gram.shape[0]
+    rows = eff.reshape(O, -1)
+    blocks = [(slice(g * per, (g + 1) * per), g) for g in range(gram.shape[0])]
+    s = np.asarray(scale, np.float64).reshape(-1)
     out = np.empty(rows.shape, np.int8)
     e_new = e_old = 0.0
     for sl, g in blocks:
         out[sl], e1, e0 = qm.gptq_round(rows[sl], s[sl], gram[g], bits=8, damp=damp, return_errors=True)
         e_new += float(e1.sum())
         e_old += float(e0.sum())
-    ratio = e_new / e_old if e_old > 0 else None
-    if use.op == "Conv":
-        return out.reshape(eff.shape), ratio
-    moved = [eff.shape[use.out_axis]] + [d for i, d in enumerate(eff.shape) if i != use.out_axis]
-    return np.moveaxis(out.reshape(moved), 0, use.out_axis), ratio
+    return out.reshape(eff.shape), (e_new / e_old if e_old > 0 else None)
 
 
 # --------------------------------------------------------------------------- log / lut
@@ -1826,7 +1805,7 @@ class _Codebook:
         self._serial = 0  # coded weights so far: their tensors and nodes are named by this number
         weights = {t.weight for t in targets}
         tables = self._find_tables(weights) if qopts.quantize_tables else []
-        self.layers = [self._layer(t) for t in _progress(ctx, targets, f"{qopts.mode} codes")]
+        self.layers = [self._layer(t) for t in ctx.progress(targets, desc=f"{qopts.mode} codes")]
         self.layers += [self._layer(t, axis) for t, axis in tables]
         self._choose_storage()
         self.params = self._find_params(weights | {t.weight for t, _ in tables}) if qopts.float16_params else []
@@ -1959,12 +1938,8 @@ class _Codebook:
         self._serial += 1
         stored = loaded.initializer(target.weight)
         if table_axis is None:
-            problem = _chain_problem(loaded, target)
-            if problem or stored is None:
-                layer.reason = f"weight not quantizable: {problem}"
-                return layer
-            if any(u.chain and u.chain[0].op_type == "DequantizeLinear" for u in target.uses):
-                layer.reason = "weight already quantized (read through DequantizeLinear)"
+            layer.reason = _weight_problem(loaded, target)
+            if layer.reason:
                 return layer
         if stored.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
             layer.reason = f"weight is {TensorProto.DataType.Name(stored.data_type)}"
@@ -2440,7 +2415,7 @@ class Quantize(Pass):
         if evaluator is not None and candidates and (sens_on or qopts.max_error is not None):
             err_all = evaluator.error(impl.edit(set()))
             if sens_on or (qopts.max_error is not None and err_all["one_minus_cosine"] > qopts.max_error):
-                for l in _progress(ctx, candidates, "quantization sensitivity"):
+                for l in ctx.progress(candidates, desc="quantization sensitivity"):
                     sens[l.target.name] = evaluator.error(impl.edit({l.target.name}))["one_minus_cosine"]
             if qopts.max_error is not None and err_all["one_minus_cosine"] > qopts.max_error:
                 float_set = self._fit_budget(evaluator, impl, candidates, sens, qopts.max_error)
