@@ -22,8 +22,9 @@ models' calibration .npz; for BERT 64 sequences), the output models all QDQ:
   nmc auto+sens calib_method="auto" with the per-layer sensitivity pass (L+1 extra
                 runs over the calibration data; what --max-error needs)
 
-Each subprocess imports only what its quantizer needs (onnxruntime.quantization,
-or nmcompile's passes) and loads the calibration data, then records VmHWM
+Each subprocess imports what its quantizer needs (onnxruntime.quantization, or
+what the `nmcompile` command loads: its pipeline, scipy included) and loads the
+calibration data, then records VmHWM
 ("base MB") and runs the quantizer. Printed per model and quantizer: accuracy
 (or 1 - cosine for BERT) and 1 - cosine of the outputs against fp32 on the test
 inputs; wall time of the quantizer call (calibration included: "quant s");
@@ -95,6 +96,7 @@ def worker(spec: dict) -> dict:
     if spec["tool"] == "ort":
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
     else:
+        import nmcompile.pipeline  # noqa: F401  what `nmcompile` loads (scipy included) before any work
         from nmcompile import graphio
         from nmcompile.passes.base import CompileContext
         from nmcompile.passes.canonicalize import canonicalize_passes
