@@ -200,10 +200,13 @@ def resnet50(width: float = 1.0, image: int = 224, classes: int = 1000, seed: in
     return b.model([_vi("x", ["N", 3, image, image])], [_vi("logits", ["N", classes])], name="resnet50")
 
 
-def bert_encoder(layers: int = 2, hidden: int = 128, heads: int = 4, ffn: int | None = None, vocab: int = 512, seq: int | str = "S", seed: int = 0, opset: int = OPSET) -> onnx.ModelProto:
+def bert_encoder(layers: int = 2, hidden: int = 128, heads: int = 4, ffn: int | None = None, vocab: int = 512, seq: int | str = "S", seed: int = 0, opset: int = OPSET,
+                 attention_mask: bool = False) -> onnx.ModelProto:
     """A BERT-style encoder: token embedding (Gather), LayerNorm, attention and GELU MLP blocks.
 
-    bert_encoder(12, 768, 12) has BERT-base's 85 M encoder weights.
+    bert_encoder(12, 768, 12) has BERT-base's 85 M encoder weights. ``attention_mask``:
+    a second int64 input (1 token, 0 padding) that keeps padded keys out of attention,
+    as Hugging Face exports do.
     """
     ffn = ffn or 4 * hidden
     b = Builder(seed, opset)
@@ -212,6 +215,13 @@ def bert_encoder(layers: int = 2, hidden: int = 128, heads: int = 4, ffn: int | 
     dh = hidden // heads
     shape4 = b.const(np.array([0, 0, heads, dh], np.int64))
     shape3 = b.const(np.array([0, 0, hidden], np.int64))
+    bias = None
+    if attention_mask:  # (1 - mask) * -10000, broadcast over heads and queries
+        keep = b.node("Cast", ["attention_mask"], to=TensorProto.FLOAT)
+        pad = b.node("Sub", [b.const(np.array(1.0, np.float32)), keep])
+        additive = b.node("Mul", [pad, b.const(np.array(-10000.0, np.float32))])
+        bias = (b.node("Unsqueeze", [additive, b.const(np.array([1, 2], np.int64))]) if opset >= 13
+                else b.node("Unsqueeze", [additive], axes=[1, 2]))
     for i in range(layers):
         p = f"layer{i}"
         def split(t):
@@ -220,14 +230,19 @@ def bert_encoder(layers: int = 2, hidden: int = 128, heads: int = 4, ffn: int | 
         k = b.node("Transpose", [b.node("Reshape", [b.linear(h, hidden, hidden, name=f"{p}.key"), shape4])], perm=[0, 2, 3, 1])
         v = split(b.linear(h, hidden, hidden, name=f"{p}.value"))
         scores = b.node("Div", [b.node("MatMul", [q, k]), b.const(np.array(np.sqrt(dh), np.float32))])
+        if bias is not None:
+            scores = b.node("Add", [scores, bias])
         attn = b.node("Softmax", [scores], axis=-1)
         ctx = b.node("Reshape", [b.node("Transpose", [b.node("MatMul", [attn, v])], perm=[0, 2, 1, 3]), shape3])
         h = b.layernorm(b.node("Add", [h, b.linear(ctx, hidden, hidden, name=f"{p}.attention.output")]), hidden)
         mlp = b.linear(b.gelu(b.linear(h, hidden, ffn, name=f"{p}.intermediate")), ffn, hidden, name=f"{p}.output")
         h = b.layernorm(b.node("Add", [h, mlp]), hidden)
     b.nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="out"))
+    inputs = [_vi("input_ids", ["N", seq], TensorProto.INT64)]
+    if attention_mask:
+        inputs.append(_vi("attention_mask", ["N", seq], TensorProto.INT64))
     return b.model(
-        [_vi("input_ids", ["N", seq], TensorProto.INT64)],
+        inputs,
         [_vi("last_hidden_state", ["N", seq, hidden])],
         name="bert_encoder",
     )

@@ -27,7 +27,7 @@ from .adaprune_solver import (
     trace_of_product,
 )
 from .base import CompileContext, Pass, PassResult
-from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node
+from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node, token_mask
 from .targets import Target, Use, WeightView
 
 # The first is the default with calibration data.
@@ -505,6 +505,17 @@ def mask_uncalibratable(ctx: CompileContext) -> list[Target]:
     return fit
 
 
+PADDING_NOTE = ("calibration statistics count real tokens only: positions where the batch's "
+                "attention mask is 0 (padding) are left out of the layers' Grams and means")
+
+
+def note_padding(ctx: CompileContext) -> None:
+    """Say in the report when the statistics leave padded tokens out (the first batch tells)."""
+    first = next(iter(ctx.artifacts["calib_batches"]()), None)
+    if first is not None and token_mask(first) is not None:
+        ctx.notes.append(PADDING_NOTE)
+
+
 def shares_stats(mine: list[LayerStats], others: list[LayerStats]) -> bool:
     """Whether a layer still to come reads one of these statistics objects (Q, K and V
     share one input's): then its packed Gram must not be released."""
@@ -567,6 +578,7 @@ class Calibrate(Pass):
         fit = mask_uncalibratable(ctx)
         ctx.artifacts.setdefault("stats", {})
         ctx.artifacts.setdefault("dense_weights", {})
+        note_padding(ctx)
         budget = self.budget_bytes if self.budget_bytes is not None else default_stats_budget(ctx.model)
         upstream = upstream_targets(fit, ctx.model.model.graph)
         ordered = [t for wave in reversed(levels_from(fit, upstream)) for t in wave]
@@ -671,6 +683,7 @@ class SequentialCalibration(Pass):
         loaded = ctx.model
         dense = dense_snapshot(loaded)
         fit = mask_uncalibratable(ctx)
+        note_padding(ctx)
         levels = dependency_levels(fit, loaded.model.graph)
         dense_weights = ctx.artifacts.setdefault("dense_weights", {})
         for wave in ctx.progress(levels, desc="layer waves"):

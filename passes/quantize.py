@@ -257,7 +257,7 @@ from nmcompile.graphio import iter_graphs
 
 from . import quant_math as qm
 from .base import CompileContext, Pass, PassResult
-from .statistics import batch_samples
+from .statistics import batch_samples, token_mask
 from .targets import LAYOUT_OPS, Target, Use, WeightView, chain_problem
 
 __all__ = [
@@ -1053,12 +1053,13 @@ class _Int8:
             from .adaprune_solver import blas_single_thread  # gptq only: scipy stays unloaded otherwise
         with blas_single_thread() if gram_by_tensor else contextlib.nullcontext():
             for batch in self.ctx.progress(make_batches(), desc="calibration: histograms"):
+                tokens = token_mask(batch) if gram_by_tensor else None
                 for t, a in tensors_of(batch, hist_names).items():
                     h = stats[t].hist
                     if h is not None:
                         h.update(a)
                         for key, spec in gram_by_tensor.get(t, ()):
-                            _add_gram(self.grams, key, spec, a)
+                            _add_gram(self.grams, key, spec, a, tokens)
         for t, s in stats.items():
             if s.hist is not None:
                 s.sumsq, s.count = s.hist.sumsq, s.hist.total
@@ -1443,21 +1444,21 @@ GPTQ_MAX_FEATURES = 4096  # gptq rounding for layers with at most this many inpu
 GPTQ_GRAM_BYTES = 512 << 20  # and at most this much Gram memory in all; beyond, nearest rounding
 
 
-def _add_gram(grams: dict, key: tuple, spec, a: np.ndarray) -> None:
+def _add_gram(grams: dict, key: tuple, spec, a: np.ndarray, tokens: np.ndarray | None = None) -> None:
     """grams[key] += sum of x x^T over the batch `a` of the layer input (G, K, K float32).
 
     Dense: x runs along the spec's feature axis, every other axis is samples. Conv: x
     is an im2col patch (statistics.im2col, the column order of W.reshape(O/G, -1)),
     built a few samples at a time. float32 products over bounded chunks, summed in
     float32: half the memory of float64 sums, and their ~1e-6 relative error is far
-    below the 1% damping gptq adds to the diagonal.
+    below the 1% damping gptq adds to the diagonal. ``tokens``: the batch's real-token
+    mask (statistics.token_mask): padded positions do not count.
     """
-    from .statistics import im2col
+    from .statistics import im2col, token_rows
 
     a = np.asarray(a, np.float32)
     if spec.kind == "dense":
-        K = a.shape[spec.feature_axis]
-        x = np.moveaxis(a, spec.feature_axis, -1).reshape(1, -1, K)
+        x = token_rows(np.moveaxis(a, spec.feature_axis, -1), tokens)[None]
         parts = [x]
     else:
         per = max(1, int(a[:1].size * int(np.prod(spec.kernel_shape))))  # patch values of one sample

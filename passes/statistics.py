@@ -40,6 +40,12 @@ does the products in float64.
 
 The Gram is the plain sum over samples (not divided by ``count``); ``mean`` is
 the average sample vector.
+
+Padded tokens: when a batch carries a 0/1 ``attention_mask`` (or ``input_mask``)
+of shape (batch, sequence), dense layers whose token rows line up with it
+(leading shape (batch, sequence), or batch·sequence rows) count only the rows
+where it is 1. Padded positions are computed but their outputs are discarded,
+so fitting them would spend the re-fit on vectors no prediction uses.
 """
 
 from __future__ import annotations
@@ -75,9 +81,13 @@ __all__ = [
     "unpack_upper",
     "graph_input_names",
     "fixed_batch_size",
+    "token_mask",
+    "TOKEN_MASK_INPUTS",
 ]
 
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+# Inputs that mark real tokens (1) and padding (0), as transformer exports name them.
+TOKEN_MASK_INPUTS = ("attention_mask", "input_mask")
 # Initializers at least this large are handed to ORT by reference, not copied.
 _EXTERNAL_MIN_BYTES = 16 << 10
 
@@ -386,13 +396,14 @@ class _Accumulator:
                 self.packed[:, off[i]:off[i + 1]] += prod[:, i, i:]
         self.sums += sums
 
-    def jobs(self, x: np.ndarray) -> list:
+    def jobs(self, x: np.ndarray, tokens: np.ndarray | None = None) -> list:
+        """``tokens``: the batch's real-token mask (``token_mask``), applied to dense inputs it lines up with."""
         x = np.asarray(x)
         if self.spec.kind == "dense":
-            return self._dense_jobs(x)
+            return self._dense_jobs(x, tokens)
         return self._conv_jobs(x)
 
-    def _dense_jobs(self, x: np.ndarray) -> list:
+    def _dense_jobs(self, x: np.ndarray, tokens: np.ndarray | None = None) -> list:
         if x.ndim == 0:
             raise ValueError(f"layer {self.spec.name}: scalar input")
         ax = self.spec.feature_axis
@@ -401,7 +412,7 @@ class _Accumulator:
                              f"for input of rank {x.ndim}")
         K = x.shape[ax]
         self._init(1, K)
-        X = np.moveaxis(x, ax, -1).reshape(-1, K)
+        X = token_rows(np.moveaxis(x, ax, -1), tokens)
         self.count += X.shape[0]
         step = max(256, self.chunk_bytes // max(1, K * self.dtype.itemsize))
         dtype = self.dtype
@@ -480,6 +491,29 @@ def _require_finite(spec: LayerSpec, *sums: np.ndarray) -> None:
 # sums (spread over the worker threads): no K×K partial product per job, which
 # for a 3×3×512 conv is 85 MB per job in flight.
 BLOCKED_FROM_K = 1024
+
+
+def token_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """(batch, sequence) bool, True at real tokens, from the batch's attention mask;
+    None when it has none (or one that is not 0/1: an additive mask says nothing sure)."""
+    for name in TOKEN_MASK_INPUTS:
+        m = batch.get(name)
+        if m is None:
+            continue
+        m = np.asarray(m)
+        if m.ndim == 2 and m.dtype.kind in "biuf" and np.isin(m, (0, 1)).all():
+            return m != 0
+    return None
+
+
+def token_rows(x: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """x (..., K) as rows (n, K), keeping only real tokens when x's leading axes are
+    the mask's (batch, sequence) or their product; other inputs keep every row."""
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    if tokens is not None and (lead == tokens.shape or lead == (tokens.size,)):
+        return x.reshape(-1, K)[tokens.reshape(-1)]
+    return x.reshape(-1, K)
 
 
 @dataclass
@@ -736,10 +770,11 @@ def collect_statistics(model: onnx.ModelProto, specs: Sequence[LayerSpec],
     try:
         for part, outs in _runs(runners, batches, activation_bytes, progress, "calibration"):
             tensors = outs[0] if outs else {}
+            tokens = token_mask(part)
             jobs = []
             for acc in accs.values():
                 t = acc.spec.input
-                jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t])]
+                jobs += [(acc, j) for j in acc.jobs(tensors[t] if t in tensors else part[t], tokens)]
             with blas_single_thread():
                 _run_jobs(jobs, pool, workers)
             del outs, tensors, jobs
@@ -815,14 +850,14 @@ class _CrossAccumulator:
             energy[g] = float(np.einsum("ij,ij->", y, y, dtype=np.float64))
         return target, energy, Pd.sum(axis=2, dtype=np.float64)
 
-    def jobs(self, xs: np.ndarray, xd: np.ndarray) -> list:
+    def jobs(self, xs: np.ndarray, xd: np.ndarray, tokens: np.ndarray | None = None) -> list:
         spec, (G, K, O) = self.spec, self.target.shape
         if xs.shape != xd.shape:
             raise ValueError(f"layer {spec.name}: compressed and dense inputs differ in shape")
         if spec.kind == "dense":
             ax = spec.feature_axis
-            Xs = np.moveaxis(xs, ax, -1).reshape(-1, K)
-            Xd = np.moveaxis(xd, ax, -1).reshape(-1, K)
+            Xs = token_rows(np.moveaxis(xs, ax, -1), tokens)
+            Xd = token_rows(np.moveaxis(xd, ax, -1), tokens)
             step = max(256, self.chunk_bytes // (8 * K))
 
             def job(r0):
@@ -879,14 +914,15 @@ def collect_cross_statistics(dense: tuple[onnx.ModelProto, Mapping[str, np.ndarr
     try:
         for part, outs in _runs(runners, batches, activation_bytes, progress, "calibration (sequential)"):
             got_d, got_s = outs or ({}, {})
+            tokens = token_mask(part)
             jobs = []
             for acc in grams.values():
                 xs = got_s.get(acc.spec.input, part.get(acc.spec.input))
-                jobs += [(acc, j) for j in acc.jobs(xs)]
+                jobs += [(acc, j) for j in acc.jobs(xs, tokens)]
             for s in specs:
                 xs = got_s.get(s.input, part.get(s.input))
                 xd = got_d.get(s.input, part.get(s.input))
-                jobs += [(cross[s.name], j) for j in cross[s.name].jobs(np.asarray(xs), np.asarray(xd))]
+                jobs += [(cross[s.name], j) for j in cross[s.name].jobs(np.asarray(xs), np.asarray(xd), tokens)]
             with blas_single_thread():
                 _run_jobs(jobs, pool, workers)
             del outs, got_d, got_s, jobs
