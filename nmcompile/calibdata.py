@@ -18,7 +18,7 @@ import onnx
 from onnx import helper
 
 from nmcompile.errors import UserError
-from nmcompile.passes.statistics import fixed_batch_size
+from nmcompile.passes.statistics import TOKEN_MASK_INPUTS, fixed_batch_size
 
 __all__ = ["load_calibration", "validate_calibration", "iter_batches", "batch_size_for",
            "Batches", "StoredRows"]
@@ -270,6 +270,13 @@ def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray])
     if fixed and n < min(fixed):
         raise UserError(f"the model takes batches of exactly {min(fixed)} samples; the "
                         f"calibration data holds only {n}")
+    for name in TOKEN_MASK_INPUTS:
+        mask = data.get(name)
+        if mask is not None and mask.ndim == 2 and mask.dtype.kind in "biuf":
+            values = np.asarray(mask[:])
+            if np.isin(values, (0, 1)).all() and not values.any():
+                raise UserError(f"calibration array {name!r} is 0 everywhere: no sample has a real "
+                                "token to calibrate on (1 marks a token, 0 padding)")
 
 
 def batch_size_for(model: onnx.ModelProto, batch_size: int) -> int:

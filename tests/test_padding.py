@@ -123,3 +123,13 @@ def test_gptq_grams_leave_padding_out():
     everything = {}
     _add_gram(everything, "k", spec, a)
     assert not np.allclose(everything["k"], got["k"])
+
+
+def test_all_padding_is_refused(tmp_path, run_cli):
+    model = modelzoo.bert_encoder(layers=1, hidden=32, heads=2, vocab=200, attention_mask=True, seed=4)
+    onnx.save(model, tmp_path / "m.onnx")
+    ids, mask = _padded(np.random.default_rng(2))
+    np.savez(tmp_path / "c.npz", input_ids=ids, attention_mask=np.zeros_like(mask))
+    code, _, err = run_cli(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "'attention_mask' is 0 everywhere" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
