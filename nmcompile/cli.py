@@ -50,7 +50,7 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="2:4", help="N:M: keep at most N nonzeros in every M along the reduction axis, 0<N<M<=32; 'none' to skip pruning (default 2:4)")
     p.add_argument("--sequential", action="store_true", help="sequential N:M: the M-N pruned weights of each group are consecutive")
     p.add_argument("--transposable", action="store_true", help="transposable N:M: every MxM tile (outputs x inputs) keeps N per row and per column, so W and W^T are both N:M")
-    p.add_argument("--solver", default="auto", choices=("exact", "approx", "auto"), help="transposable mask solver: exact optimum per tile, fast approximation (greedy + repair), or auto (default)")
+    p.add_argument("--solver", choices=("exact", "approx", "auto"), help="transposable mask solver: exact optimum per tile, fast approximation (greedy + repair), or auto (default)")
     cal = p.add_argument_group("calibration (AdaPrune)")
     cal.add_argument("--calib", metavar="DATA", help="calibration data: an .npz whose arrays are named after the model inputs (samples on axis 0), or a folder of .npz; turns on calibration-aware masks and AdaPrune")
     cal.add_argument("--calib-batch", type=int, default=32, metavar="B", help="samples per calibration batch (default 32; models with a fixed batch dimension use theirs)")
@@ -61,12 +61,12 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     cal.add_argument("--calib-table", action="store_true", help="also write a legacy TensorRT calibration table (trt_cache/OUT.calibration.cache, absolute-max ranges) for implicit int8 builds of the float model; deprecated by TensorRT 10.1, prefer --quantize int8")
     q = p.add_argument_group("quantization")
     q.add_argument("--quantize", choices=("int8", "log", "lut"), help="int8: explicit QDQ (per-channel int8 weights, calibrated per-tensor activations; needs --calib); log: weight-only sign + power-of-two codes; lut: weight-only k-means codebook")
-    q.add_argument("--bits", type=int, default=4, help="code width for --quantize log/lut (2-8, default 4)")
-    q.add_argument("--calib-method", default="auto", choices=("kl", "minmax", "percentile", "auto"), help="activation thresholds for int8: TensorRT's KL search, min/max, percentile, or auto (per tensor, lowest quantization error; default)")
+    q.add_argument("--bits", type=int, help="code width for --quantize log/lut (2-8, default 4)")
+    q.add_argument("--calib-method", choices=("kl", "minmax", "percentile", "auto"), help="activation thresholds for int8: TensorRT's KL search, min/max, percentile, or auto (per tensor, lowest quantization error; default)")
     q.add_argument("--max-error", type=float, metavar="E", help="output error budget (1 - cosine to the unquantized model on the calibration data): keep the most sensitive layers in float until it is met")
     q.add_argument("--no-float16-params", action="store_true", help="log/lut: keep biases and normalization parameters in float32 (by default they are stored as float16 where that is within 2^-11)")
     q.add_argument("--no-code-tables", action="store_true", help="log/lut: keep Gather tables (embeddings) in float (by default large ones are coded like weights)")
-    q.add_argument("--weight-rounding", default="nearest", choices=("nearest", "gptq"), help="int8 weight codes: nearest (default; each weight rounded alone) or gptq (error-compensating rounding that keeps each layer's output on the calibration data: 20-30%% lower output error, up to 3x the quantize time)")
+    q.add_argument("--weight-rounding", choices=("nearest", "gptq"), help="int8 weight codes: nearest (default; each weight rounded alone) or gptq (error-compensating rounding that keeps each layer's output on the calibration data: 20-30%% lower output error, up to 3x the quantize time)")
     q.add_argument("--sensitivity", action="store_true", help="measure each quantized layer's effect on the output on the calibration data and rank them in the report (one run per layer; always on with --max-error)")
     p.add_argument("--permute", action="store_true", help="permute each layer's input channels (absorbed into the producing layer, so the function is unchanged) to keep more weight under plain N:M")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="keep layers dense whose node or weight name matches GLOB (repeatable)")
@@ -83,17 +83,43 @@ def _inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_unused_options(args) -> None:
+    """An option the rest of the command line makes do nothing is a mistake to say, not to
+    ignore: the user expects it to change the output."""
+    pruning = str(args.pattern).strip().lower() != "none"
+    coded = args.quantize in ("log", "lut")
+    unused = [
+        ("--bits", args.bits is not None and not coded, "it sets the code width of --quantize log/lut (int8 is 8 bits)"),
+        ("--calib-method", args.calib_method is not None and args.quantize != "int8", "it chooses activation thresholds for --quantize int8"),
+        ("--weight-rounding", args.weight_rounding is not None and args.quantize != "int8", "it rounds the weights of --quantize int8"),
+        ("--no-float16-params", args.no_float16_params and not coded, "it applies to --quantize log/lut"),
+        ("--no-code-tables", args.no_code_tables and not coded, "it applies to --quantize log/lut"),
+        ("--solver", args.solver is not None and not args.transposable, "it picks the --transposable mask solver"),
+        ("--no-adaprune", args.no_adaprune and args.calib is None, "the re-fit runs only with --calib"),
+        ("--stats-budget", args.stats_budget is not None and args.calib is None, "statistics are taken only with --calib"),
+    ]
+    unused += [(flag, used and not pruning, "it shapes the N:M pruning, which --pattern none turns off")
+               for flag, used in (("--sequential", args.sequential), ("--transposable", args.transposable),
+                                  ("--permute", args.permute), ("--mask-score", args.mask_score is not None),
+                                  ("--sequential-calib", args.sequential_calib), ("--no-adaprune", args.no_adaprune),
+                                  ("--stats-budget", args.stats_budget is not None))]
+    for flag, is_unused, why in unused:
+        if is_unused:
+            raise UserError(f"{flag} would change nothing here: {why}")
+
+
 def run_compile(args) -> int:
     from .pipeline import compile_model
     from .summary import format_summary
 
+    refuse_unused_options(args)
     result = compile_model(
         args.model,
         output=args.output,
         pattern=args.pattern,
         sequential=args.sequential,
         transposable=args.transposable,
-        solver=args.solver,
+        solver=args.solver or "auto",
         exclude=args.exclude,
         progress=not args.quiet and sys.stderr.isatty(),
         calib=args.calib,
@@ -104,14 +130,14 @@ def run_compile(args) -> int:
         calib_table=args.calib_table,
         permute=args.permute,
         quantize=args.quantize,
-        bits=args.bits,
-        calib_method=args.calib_method,
+        bits=4 if args.bits is None else args.bits,
+        calib_method=args.calib_method or "auto",
         max_error=args.max_error,
         stats_budget_mb=args.stats_budget,
         sensitivity=args.sensitivity,
         float16_params=not args.no_float16_params,
         quantize_tables=not args.no_code_tables,
-        weight_rounding=args.weight_rounding,
+        weight_rounding=args.weight_rounding or "nearest",
     )
     if not args.quiet:
         print(format_summary(result))

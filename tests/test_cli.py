@@ -322,3 +322,40 @@ def test_a_coded_model_cannot_be_compiled_again(run_cli, tmp_path):
     assert code == 0, err
     ep = json.loads((tmp_path / "dense.ep.json").read_text())
     assert ep["providers"][0][1]["trt_sparsity_enable"] is False
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--quantize", "int8", "--calib", "C", "--bits", "4"], "--bits"),
+    (["--bits", "4"], "--bits"),
+    (["--quantize", "lut", "--calib-method", "kl"], "--calib-method"),
+    (["--quantize", "log", "--weight-rounding", "gptq"], "--weight-rounding"),
+    (["--quantize", "int8", "--calib", "C", "--no-float16-params"], "--no-float16-params"),
+    (["--no-code-tables"], "--no-code-tables"),
+    (["--solver", "exact"], "--solver"),
+    (["--no-adaprune"], "--no-adaprune"),
+    (["--stats-budget", "8"], "--stats-budget"),
+    (["--pattern", "none", "--permute"], "--permute"),
+    (["--pattern", "none", "--transposable"], "--transposable"),
+    (["--pattern", "none", "--quantize", "int8", "--calib", "C", "--mask-score", "obs"], "--mask-score"),
+])
+def test_options_that_would_change_nothing_are_refused(run_cli, tmp_path, args, flag):
+    from conftest import MODELS
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    calib = str(MODELS / "digits_calib.npz")
+    args = [calib if a == "C" else a for a in args]
+    assert_bad_input(run_cli, tmp_path, src, *args, expect=f"{flag} would change nothing here")
+
+
+def test_options_that_apply_are_accepted(run_cli, tmp_path):
+    from conftest import MODELS
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    for i, args in enumerate((["--quantize", "lut", "--bits", "3", "--no-code-tables"],
+                              ["--pattern", "none", "--quantize", "int8", "--calib", str(MODELS / "digits_calib.npz"),
+                               "--calib-method", "kl", "--weight-rounding", "nearest"],
+                              ["--transposable", "--solver", "approx"])):
+        code, _, err = run_cli(src, *args, "-q", "-o", tmp_path / f"o{i}.onnx")
+        assert code == 0, err
