@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nmcompile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nmcompile inspect ... | head`: the reader has all it wanted
+        # Python would report the pipe again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # internal error: short by default
         if debug:
             traceback.print_exc()

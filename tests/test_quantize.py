@@ -453,6 +453,9 @@ def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, gr
     targets = ctx.artifacts["targets"]
     feed = {"input": digits_calib()["input"][:2]}
     decoded = ort_values(out, [t.weight for t in targets], feed)
+    from nmcompile.inspect import inspect_model
+
+    inspected = {row["weight"]: row for row in inspect_model(out)["layers"]}
     compressed = 0
     for t in targets:
         q = ctx.layers[t.name]["quant"]
@@ -471,6 +474,10 @@ def test_codebook_decodes_exactly_and_keeps_zeros(cnn24, work, mode, storage, gr
             assert sqnr == pytest.approx(q["weight_sqnr_db"], abs=0.006)  # what the report claims
         per_channel = np.moveaxis(got, q["channel_axis"], 0).reshape(w.shape[q["channel_axis"]], -1)
         assert max(np.unique(row).size for row in per_channel) <= 16
+        # `nmcompile inspect` sees the coded layer as the runtime computes it
+        seen = inspected[t.weight]
+        assert seen["coded"]["distinct_values_per_channel"] == max(np.unique(row).size for row in per_channel)
+        assert seen["sparsity"] == pytest.approx(float(np.mean(ref == 0)))
         if mode == "log":
             scale = inits[q["initializers"]["scale"]].reshape(-1)
             assert scale.dtype == np.float32  # each channel's largest weight stays exact
