@@ -652,10 +652,15 @@ class OutputErrorMeter:
         self.names = list(names)
         self.sums = {n: np.zeros(4) for n in names}  # ab, aa, bb, (a-b)^2
 
-    def add(self, ref: list[np.ndarray], test: list[np.ndarray]) -> None:
+    def add(self, ref: list[np.ndarray], test: list[np.ndarray], tokens: np.ndarray | None = None) -> None:
+        """``tokens``: the batch's real-token mask; outputs laid out (batch, sequence, ...)
+        count real tokens only, as the calibration statistics do."""
         for n, a, b in zip(self.names, ref, test):
-            a = np.asarray(a, dtype=np.float64).reshape(-1)
-            b = np.asarray(b, dtype=np.float64).reshape(-1)
+            a, b = np.asarray(a), np.asarray(b)
+            if tokens is not None and a.ndim >= 2 and a.shape[:2] == tokens.shape:
+                a, b = a[tokens], b[tokens]
+            a = a.astype(np.float64).reshape(-1)
+            b = b.astype(np.float64).reshape(-1)
             d = a - b
             # np.sum of products, not BLAS dot: OpenBLAS threads wake slowly next to ORT's pool
             self.sums[n] += (float(np.sum(a * b)), float(np.sum(a * a)), float(np.sum(b * b)), float(np.sum(d * d)))
@@ -703,7 +708,7 @@ def measure_output_error(reference, candidate, batches: Iterable[Mapping[str, np
     names = _float_outputs(ra)
     meter = OutputErrorMeter(names)
     for batch in batches:
-        meter.add(ra.run(names, _feed(ra, batch)), rb.run(names, _feed(rb, batch)))
+        meter.add(ra.run(names, _feed(ra, batch)), rb.run(names, _feed(rb, batch)), token_mask(batch))
     return meter.result()
 
 
@@ -751,7 +756,7 @@ class _Evaluator:
                                     functions=edit.functions, domains=edit.domains)
         meter = OutputErrorMeter(self.names)
         for b, ref in zip(self.batches, self.reference):
-            meter.add(ref, sess.run(self.names, _feed(sess, b)))
+            meter.add(ref, sess.run(self.names, _feed(sess, b)), token_mask(b))
         self.runs += 1
         return meter.result()
 

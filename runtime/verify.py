@@ -12,7 +12,11 @@ memory):
 * ``exact``: fraction of equal elements, for integer and boolean outputs
   (cosine is then None);
 * ``nonfinite``: NaN/inf elements in the compiled model's output that are
-  finite in the original's.
+  finite in the original's;
+* ``padded_positions``: (batch, sequence) positions left out because the
+  batch's 0/1 ``attention_mask`` marks them as padding (outputs whose first two
+  axes are the mask's): their values are computed but no prediction reads them,
+  and the compile's calibration does not fit them either.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from nmcompile.errors import UserError
+from nmcompile.passes.statistics import token_mask
 
 from .bench import conform_feed, make_inputs
 from .providers import CPU, config_path_for
@@ -55,6 +60,7 @@ class OutputStats:
         self.worst_cos: float | None = None
         self.label_hits = [0, 0]  # original, compiled
         self.label_total = 0
+        self.padded = 0
 
     def add_labels(self, ref, test, labels: np.ndarray) -> None:
         """Top-1 accuracy of both models against the data's labels (classifier outputs)."""
@@ -65,7 +71,9 @@ class OutputStats:
         self.label_hits[1] += int(np.count_nonzero(test.argmax(axis=1) == labels))
         self.label_total += int(labels.shape[0])
 
-    def add(self, ref, test) -> None:
+    def add(self, ref, test, tokens: np.ndarray | None = None) -> None:
+        """``tokens``: the batch's real-token mask (statistics.token_mask); padded positions
+        of outputs laid out (batch, sequence, ...) are set to zero in both and not counted."""
         ref = np.asarray(ref)
         test = np.asarray(test)
         if ref.shape != test.shape:
@@ -73,6 +81,12 @@ class OutputStats:
                 f"output {self.name!r}: the compiled model gives shape {list(test.shape)}, "
                 f"the original {list(ref.shape)}"
             )
+        left_out = 0
+        if tokens is not None and ref.ndim >= 2 and ref.shape[:2] == tokens.shape and not tokens.all():
+            keep = tokens.reshape(tokens.shape + (1,) * (ref.ndim - 2))
+            ref, test = np.where(keep, ref, 0).astype(ref.dtype), np.where(keep, test, 0).astype(test.dtype)
+            self.padded += int(tokens.size - tokens.sum())
+            left_out = int(tokens.size - tokens.sum()) * math.prod(ref.shape[2:])
         if self.shape is None:
             self.shape = list(ref.shape)
             self.dtype = str(ref.dtype)
@@ -84,9 +98,9 @@ class OutputStats:
         finite_ref = np.isfinite(r)
         bad = ~np.isfinite(t) & finite_ref
         self.nonfinite += int(bad.sum())
-        self.count += r.size
+        self.count += r.size - left_out
         self.samples += int(ref.shape[0]) if ref.ndim >= 1 else 1
-        self.equal += int(np.count_nonzero(ref == test))
+        self.equal += int(np.count_nonzero(ref == test)) - left_out  # the zeroed positions are equal
         diff = np.abs(r - t)
         if diff.size:
             self.abs_sum += float(diff.sum())
@@ -120,6 +134,7 @@ class OutputStats:
             "top1": (self.top1_hits / self.top1_total) if (self.top1_ok and self.top1_total) else None,
             "exact": None if self.is_float else self.equal / n,
             "nonfinite": self.nonfinite,
+            "padded_positions": self.padded,
         }
         if self.label_total and self.label_total == self.samples:
             out["accuracy"] = {"original": self.label_hits[0] / self.label_total,
@@ -147,12 +162,12 @@ def _cosine_rows(a, b) -> np.ndarray:
     return np.clip(np.nan_to_num(cos, nan=-1.0), -1.0, 1.0)
 
 
-def _accumulate(stats: dict[str, OutputStats], ref: Mapping, test: Mapping) -> None:
+def _accumulate(stats: dict[str, OutputStats], ref: Mapping, test: Mapping, tokens: np.ndarray | None = None) -> None:
     missing = [k for k in ref if k not in test]
     if missing:
         raise UserError(f"the compiled model has no output {missing[0]!r}: are these the same model?")
     for name, value in ref.items():
-        stats.setdefault(name, OutputStats(name)).add(value, test[name])
+        stats.setdefault(name, OutputStats(name)).add(value, test[name], tokens)
 
 
 def compare_outputs(
@@ -237,7 +252,7 @@ def verify_models(
         except Exception as e:  # onnxruntime's own exception types
             msg = str(e).strip().splitlines()
             raise UserError(f"inference failed: {msg[0] if msg else type(e).__name__}") from None
-        _accumulate(stats, dict(zip(ref_names, ref)), dict(zip(ref_names, test)))
+        _accumulate(stats, dict(zip(ref_names, ref)), dict(zip(ref_names, test)), token_mask(feed))
         count += 1
         first = next(iter(f_ref.values()), None)
         n = int(first.shape[0]) if first is not None and first.ndim >= 1 else 1
@@ -298,6 +313,10 @@ def format_verify_table(result: Mapping) -> str:
         if acc:
             out.append(f"accuracy against the data's labels ({name}, {acc['samples']} samples): "
                        f"original {100 * acc['original']:.2f}%, compiled {100 * acc['compiled']:.2f}%")
+    padded = [n for n, m in outputs.items() if m.get("padded_positions")]
+    if padded:
+        out.append(f"padded positions (attention_mask 0) left out of {', '.join(padded)}: "
+                   f"{outputs[padded[0]]['padded_positions']}")
     bad = [n for n, m in outputs.items() if m.get("nonfinite")]
     if bad:
         out.append("non-finite values in the compiled model's output: " + ", ".join(

@@ -133,3 +133,35 @@ def test_all_padding_is_refused(tmp_path, run_cli):
     code, _, err = run_cli(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.onnx")
     assert code == 2 and "'attention_mask' is 0 everywhere" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_output_comparisons_leave_padding_out():
+    from nmcompile.passes.quantize import OutputErrorMeter
+    from nmcompile.runtime.verify import OutputStats
+
+    rng = np.random.default_rng(6)
+    tokens = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], bool)
+    ref = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    test = ref + 0.1 * rng.standard_normal(ref.shape).astype(np.float32)
+    test[~tokens] = 100.0  # padded positions: anything
+    a, b = ref[tokens].astype(np.float64), test[tokens].astype(np.float64)
+    cos = float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    stats = OutputStats("y")
+    stats.add(ref, test, tokens)
+    got = stats.result()
+    assert got["cosine"] == pytest.approx(cos, rel=1e-12)
+    assert got["max_abs"] == pytest.approx(float(np.abs(a - b).max()))
+    assert got["mean_abs"] == pytest.approx(float(np.abs(a - b).mean()))
+    assert got["padded_positions"] == 4 and got["samples"] == 2
+    # the worst sample is judged on its real tokens only
+    rows = [(ref[i][tokens[i]].ravel().astype(np.float64), test[i][tokens[i]].ravel().astype(np.float64)) for i in range(2)]
+    worst = min(float((r * t).sum() / np.sqrt((r * r).sum() * (t * t).sum())) for r, t in rows)
+    assert got["worst_sample_cosine"] == pytest.approx(worst, rel=1e-12)
+
+    meter = OutputErrorMeter(["y"])
+    meter.add([ref], [test], tokens)
+    assert meter.result()["one_minus_cosine"] == pytest.approx(1 - cos, rel=1e-9)
+    plain = OutputErrorMeter(["y"])
+    plain.add([ref], [test])
+    assert plain.result()["one_minus_cosine"] > 0.5  # the padded garbage would have dominated
