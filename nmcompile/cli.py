@@ -9,7 +9,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from . import __version__
@@ -168,8 +170,28 @@ def _quiet_libraries() -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP (a container or service stop): unwinds like Ctrl-C, so the
+    temporary output files are removed on the way out."""
+
+
+def _on_terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _on_terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="nmcompile: %(message)s", stream=sys.stderr)
     if not debug:
@@ -191,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nmcompile: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print("nmcompile: terminated", file=sys.stderr)
+        return 128 + int(exc.args[0])
     except BrokenPipeError:  # `nmcompile inspect ... | head`: the reader has all it wanted
         # Python would report the pipe again when it flushes stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -9,6 +9,7 @@ are renamed into place only when everything has been written.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import ExitStack
@@ -418,9 +419,36 @@ class AtomicWriter:
             fh.write(data)
 
     def commit(self) -> None:
-        for tmp, final in self._pending:
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, final)
+        """Rename every file into place, or none: files the outputs replace are set aside
+        first and put back if a later rename fails (a folder in the way, say)."""
+        done: list[tuple[Path, Path | None]] = []
+        try:
+            for tmp, final in self._pending:
+                if final.is_dir() and not final.is_symlink():
+                    raise IsADirectoryError(errno.EISDIR, "a folder is in the way", str(final))
+                os.chmod(tmp, 0o644)
+                backup = None
+                if os.path.lexists(final):
+                    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent)
+                    os.close(fd)
+                    backup = Path(name)
+                    os.replace(final, backup)
+                done.append((final, backup))
+                os.replace(tmp, final)
+        except BaseException:
+            for final, backup in reversed(done):
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    try:
+                        final.unlink()
+                    except FileNotFoundError:
+                        pass
+            self.abort()
+            raise
+        for _, backup in done:
+            if backup is not None:
+                backup.unlink()
         self._pending.clear()
 
     def abort(self) -> None:

@@ -144,15 +144,23 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(stem + ".nm.onnx")
 
 
-def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths) -> None:
-    """Refuse outputs that would overwrite the input or its data, or that cannot be written."""
+def check_output_paths(loaded: graphio.LoadedModel, out: OutputPaths, calib: str | None = None) -> None:
+    """Refuse outputs that would overwrite the input, its data or the calibration data,
+    that a folder stands in the way of, or that cannot be written."""
     inputs = {os.path.realpath(loaded.path)}
     for tensor in graphio.iter_tensors(loaded.model):
         if graphio.is_external(tensor):
             inputs.add(os.path.realpath(loaded.base_dir / graphio.external_ref(tensor).location))
+    if calib is not None:
+        calib_path = Path(calib)
+        inputs.add(os.path.realpath(calib_path))
+        if calib_path.is_dir():
+            inputs |= {os.path.realpath(p) for p in calib_path.iterdir()}
     for path in out.all():
         if os.path.realpath(path) in inputs:
-            raise UserError(f"output {path} would overwrite the input; choose another -o")
+            raise UserError(f"output {path} would overwrite an input; choose another -o")
+        if path.is_dir():
+            raise UserError(f"output {path} is a folder; -o names the model file to write")
     folder = out.model.parent
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist")
@@ -244,10 +252,12 @@ def compile_model(
         weight_rounding=weight_rounding,
     )
     model_path = Path(model)
+    if output is not None and not str(output).strip():
+        raise UserError("-o needs a file name for the compiled model")
     loaded = graphio.load_model(model_path)
     out_model = Path(output) if output is not None else default_output(model_path)
     paths = OutputPaths.for_output(out_model)
-    check_output_paths(loaded, paths)
+    check_output_paths(loaded, paths, options.calib)
 
     ctx = CompileContext(model=loaded, options=options)
     if options.calib is not None:
@@ -297,7 +307,7 @@ def compile_model(
             writer.write_bytes(paths.report, dumps(report))
             writer.write_bytes(paths.ep, dumps(ep))
     except OSError as exc:
-        raise UserError(f"cannot write outputs to {paths.model.parent}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {exc.filename or paths.model.parent}: {exc.strerror or exc}") from None
     return CompileResult(paths, report, saved.data_path, time.perf_counter() - start, dict(ctx.timings))
 
 

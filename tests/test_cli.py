@@ -359,3 +359,70 @@ def test_options_that_apply_are_accepted(run_cli, tmp_path):
                               ["--transposable", "--solver", "approx"])):
         code, _, err = run_cli(src, *args, "-q", "-o", tmp_path / f"o{i}.onnx")
         assert code == 0, err
+
+
+def test_outputs_never_overwrite_the_calibration_data(run_cli, tmp_path):
+    from conftest import MODELS
+
+    src = tmp_path / "m.onnx"
+    src.write_bytes((MODELS / "digits_cnn.onnx").read_bytes())
+    calib = tmp_path / "c.npz"
+    calib.write_bytes((MODELS / "digits_calib.npz").read_bytes())
+    before = calib.read_bytes()
+    assert_bad_input(run_cli, tmp_path, src, "--calib", calib, "-o", calib, expect="would overwrite an input")
+    # a side file of the output (OUT.report.json) that is the calibration data
+    side = tmp_path / "w.report.json"
+    side.write_bytes(before)
+    assert_bad_input(run_cli, tmp_path, src, "--calib", side, "-o", tmp_path / "w.onnx", expect="would overwrite an input")
+    # a file inside a calibration folder
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.npz").write_bytes(before)
+    assert_bad_input(run_cli, tmp_path, src, "--calib", folder, "-o", folder / "a.npz", expect="would overwrite an input")
+    assert calib.read_bytes() == before and (folder / "a.npz").read_bytes() == before
+
+
+def test_output_that_is_a_folder_or_empty(run_cli, model_path):
+    (model_path.parent / "sub").mkdir()
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", model_path.parent / "sub", expect="is a folder")
+    (model_path.parent / "o.report.json").mkdir()  # a side file's name taken by a folder
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", model_path.parent / "o.onnx", expect="is a folder")
+    assert_bad_input(run_cli, model_path.parent, model_path, "-o", "", expect="-o needs a file name")
+
+
+def test_commit_is_all_or_nothing(tmp_path):
+    from nmcompile.graphio import AtomicWriter
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").mkdir()  # the third rename fails after two succeeded
+    with pytest.raises(IsADirectoryError):
+        with AtomicWriter() as w:
+            w.write_bytes(tmp_path / "a.txt", b"new a")
+            w.write_bytes(tmp_path / "b.txt", b"new b")
+            w.write_bytes(tmp_path / "c.txt", b"new c")
+    assert listing(tmp_path) == ["a.txt", "c.txt"]  # no temporaries, no b.txt
+    assert (tmp_path / "a.txt").read_text() == "old a"  # the replaced file is back
+    with AtomicWriter() as w:
+        w.write_bytes(tmp_path / "a.txt", b"new a")
+        w.write_bytes(tmp_path / "b.txt", b"new b")
+    assert listing(tmp_path) == ["a.txt", "b.txt", "c.txt"] and (tmp_path / "a.txt").read_text() == "new a"
+
+
+def test_sigterm_while_writing_leaves_no_files(run_cli, model_path, monkeypatch):
+    import signal
+
+    from nmcompile import graphio
+
+    real = graphio.write_streamed
+
+    def stopped_midway(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # what `docker stop` / systemd send
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(graphio, "write_streamed", stopped_midway)
+    before = listing(model_path.parent)
+    handler = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(model_path, "-o", model_path.parent / "out.onnx", "-q")
+    assert code == 128 + signal.SIGTERM and "terminated" in err
+    assert listing(model_path.parent) == before
+    assert signal.getsignal(signal.SIGTERM) is handler  # main() puts the previous handler back
