@@ -184,6 +184,10 @@ def build_pipeline(options: CompileOptions) -> PassManager:
         from nmcompile.passes.nm_mask import NMMask
 
         passes.append(NMMask())
+    if not pruning:
+        from nmcompile.passes.nm_mask import RecordExistingPatterns
+
+        passes.append(RecordExistingPatterns())  # before quantization recodes the weights
     if options.quantize is not None:
         passes.append(Quantize())
     return PassManager(passes, given=("calib_batches",) if options.calib is not None else ())
@@ -283,6 +287,10 @@ def compile_model(
         table = (paths.model.parent / "trt_cache" / table_name, table_text)
     # the sparsity TensorRT may use is what the weights follow, not what was asked for
     pattern = options.pattern if report["totals"]["pruned_layers"] else None
+    if options.pattern is None:  # a model pruned before: enabled when a layer's weights qualify
+        existing = ctx.artifacts.get("existing_n4", {})
+        qualified = [existing[row["name"]] for row in report["layers"] if row["trt_sparse"]["eligible"] and row["name"] in existing]
+        pattern = Pattern(max(qualified), 4) if qualified else None
     ep = provider_config(
         pattern=(pattern.n, pattern.m) if pattern else None,
         sequential=options.sequential,
@@ -368,7 +376,10 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "sparsity": zeros / size if size else 0.0,
             "skipped": target.skip,
         }
-        row["trt_sparse"] = trt_row(target, None if target.skip else opts.pattern, "int8" if opts.quantize == "int8" else "fp16")
+        followed = opts.pattern
+        if opts.pattern is None and target.name in ctx.artifacts.get("existing_n4", {}):
+            followed = Pattern(ctx.artifacts["existing_n4"][target.name], 4)  # pruned before: what the weights follow
+        row["trt_sparse"] = trt_row(target, None if target.skip else followed, "int8" if opts.quantize == "int8" else "fp16")
         for key in (
             "retained_l1",
             "retained_score",

@@ -220,3 +220,29 @@ class NMMask(Pass):
             row["zeros_before"] = zeros_before
             row["zeros_after"] = zeros_after
         return PassResult(changed)
+
+
+class RecordExistingPatterns(Pass):
+    """With --pattern none, the pattern each layer's weights already follow (a model
+    pruned earlier, say by a first nmcompile run): the report and TensorRT's
+    sparse-kernel setting go by what the weights are, not by what was asked."""
+
+    name = "existing-patterns"
+    requires = ("targets",)
+    provides = ()
+
+    def run(self, ctx: CompileContext) -> PassResult:
+        for target in ctx.artifacts["targets"]:
+            if target.skip:
+                continue
+            use = target.primary
+            weight = WeightView(ctx.model, target.weight, use).effective()
+            if not np.count_nonzero(weight):
+                continue
+            existing = existing_pattern(weight, use.red_axis)
+            if existing is not None:
+                ctx.layer(target.name)["existing_pattern"] = f"{existing[0]}:{existing[1]}"
+            n4 = group_max_nonzeros(weight, 4, use.red_axis)
+            if n4 is not None and n4 < 4:  # TensorRT's rule is stated in fours
+                ctx.artifacts.setdefault("existing_n4", {})[target.name] = n4
+        return PassResult(False)

@@ -426,3 +426,22 @@ def test_sigterm_while_writing_leaves_no_files(run_cli, model_path, monkeypatch)
     assert code == 128 + signal.SIGTERM and "terminated" in err
     assert listing(model_path.parent) == before
     assert signal.getsignal(signal.SIGTERM) is handler  # main() puts the previous handler back
+
+
+def test_pattern_none_on_a_pruned_model_keeps_tensorrt_sparsity(run_cli, tmp_path):
+    import json
+
+    onnx.save(zoo.resnet50(width=0.5, image=32, classes=10), str(tmp_path / "r.onnx"))
+    code, _, err = run_cli(tmp_path / "r.onnx", "-o", tmp_path / "r24.onnx", "-q")
+    assert code == 0, err
+    for src, expect in (("r24.onnx", True), ("r.onnx", False)):  # pruned before / dense
+        out = tmp_path / f"{src}.again.onnx"
+        code, _, err = run_cli(tmp_path / src, "--pattern", "none", "-o", out, "-q")
+        assert code == 0, err
+        ep = json.loads(out.with_name(out.name[:-5] + ".ep.json").read_text())
+        report = json.loads(out.with_name(out.name[:-5] + ".report.json").read_text())
+        assert ep["providers"][0][1]["trt_sparsity_enable"] is expect
+        assert ep["compiled_with"]["pattern"] == ("2:4" if expect else "dense")
+        eligible = [row for row in report["layers"] if row["trt_sparse"]["eligible"]]
+        assert bool(eligible) is expect
+        assert all(row["existing_pattern"] == "2:4" for row in eligible)
