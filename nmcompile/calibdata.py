@@ -197,6 +197,21 @@ def _elem_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
         return None
 
 
+def pop_labels(model: onnx.ModelProto, data: dict) -> np.ndarray | None:
+    """Take out an array named ``labels`` that is not a model input: class indices that
+    `verify` scores classifier outputs against, so one data file serves every command."""
+    if "labels" not in data or "labels" in {i.name for i in model.graph.input}:
+        return None
+    labels = np.asarray(data.pop("labels")[:])
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(f"calibration array 'labels' must hold one class index per sample (1-D integers), "
+                        f"got shape {labels.shape} {labels.dtype}")
+    n = min((a.shape[0] for a in data.values()), default=0)
+    if labels.shape[0] != n:
+        raise UserError(f"calibration array 'labels' holds {labels.shape[0]} labels for {n} samples")
+    return labels
+
+
 def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray]) -> None:
     """Check names, dtypes, per-sample shapes and sample counts against the
     model's graph inputs (those that are not initializers). Raises UserError."""

@@ -24,28 +24,17 @@ def _require_file(path: str) -> Path:
     return p
 
 
-def _labelled_data(path: str | None, model, accept_labels: bool = True):
+def _labelled_data(path: str | None, model):
     """(data, labels), checked against ``model`` (a ModelProto the caller has loaded
-    already): with ``accept_labels``, an array
-    named ``labels`` that is not a model input holds class indices to score
-    classifier outputs against (None when absent)."""
+    already); labels: an array named ``labels`` that is not a model input (class
+    indices to score classifier outputs against), None when absent."""
     if path is None:
         return None, None
-    from .calibdata import load_calibration, validate_calibration
+    from .calibdata import load_calibration, pop_labels, validate_calibration
 
     data = load_calibration(path)
-    labels = None
-    if accept_labels and "labels" in data and "labels" not in {i.name for i in model.graph.input}:
-        import numpy as np
-
-        labels = np.asarray(data.pop("labels"))
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise UserError(f"calibration array 'labels' must hold one class index per sample (1-D integers), "
-                            f"got shape {labels.shape} {labels.dtype}")
+    labels = pop_labels(model, data)
     validate_calibration(model, data)
-    n = min((a.shape[0] for a in data.values()), default=0)
-    if labels is not None and labels.shape[0] != n:
-        raise UserError(f"calibration array 'labels' holds {labels.shape[0]} labels for {n} samples")
     return data, labels
 
 
@@ -111,7 +100,7 @@ def run_bench(argv: list[str]) -> int:
         raise UserError("--warmup must be >= 0 and --iterations > 0")
     if args.threads is not None and args.threads <= 0:
         raise UserError("--threads must be positive")
-    data, _ = _labelled_data(args.calib, inputs_of, accept_labels=False)
+    data, _ = _labelled_data(args.calib, inputs_of)  # labels: verify's, not timed
     rows = bench_models(
         model,
         baseline=baseline,

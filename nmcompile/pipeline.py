@@ -195,9 +195,10 @@ def build_pipeline(options: CompileOptions) -> PassManager:
 
 def calibration_batches(loaded: graphio.LoadedModel, options: CompileOptions):
     """A callable giving a fresh pass over the calibration batches (validated up front)."""
-    from .calibdata import iter_batches, load_calibration, validate_calibration
+    from .calibdata import iter_batches, load_calibration, pop_labels, validate_calibration
 
     data = load_calibration(options.calib)
+    pop_labels(loaded.model, data)  # verify's class indices: the same file serves both
     validate_calibration(loaded.model, data)
     batches = iter_batches(loaded.model, data, options.calib_batch)
     return lambda: batches

@@ -359,6 +359,13 @@ def bench_models(
             label=f"{os.path.basename(os.fspath(baseline))} (baseline)",
             **overrides,
         )
+        mine = [(i.name, len(i.shape or [])) for i in comp.get_inputs()]
+        theirs = [(i.name, len(i.shape or [])) for i in base.get_inputs()]
+        if sorted(mine) != sorted(theirs):
+            def show(ins):
+                return ", ".join(f"{n} (rank {r})" for n, r in ins)
+            raise UserError(f"the baseline takes inputs {show(theirs)}, the model {show(mine)}: "
+                            "--baseline is the original of the model being timed")
     rounds = max(1, min(int(rounds), int(iterations)))
     rows: list[dict] = []
     for bs in batch_sizes:
@@ -367,12 +374,16 @@ def bench_models(
         if base is not None:
             runs.append(("baseline", baseline, base, conform_feed(base, feed)))
         lat: dict[str, list[float]] = {r[0]: [] for r in runs}
-        for _, _, sess, f in runs:
-            _time_runs(sess, f, max(0, int(warmup)))
-        for r, count in enumerate(_split(int(iterations), rounds)):
-            order = runs if r % 2 == 0 else runs[::-1]
-            for label, _, sess, f in order:
-                lat[label].extend(_time_runs(sess, f, count))
+        try:
+            for _, _, sess, f in runs:
+                _time_runs(sess, f, max(0, int(warmup)))
+            for r, count in enumerate(_split(int(iterations), rounds)):
+                order = runs if r % 2 == 0 else runs[::-1]
+                for label, _, sess, f in order:
+                    lat[label].extend(_time_runs(sess, f, count))
+        except Exception as exc:  # onnxruntime's own exception types: the inputs do not fit
+            msg = str(exc).strip().splitlines()
+            raise UserError(f"inference failed: {msg[0] if msg else type(exc).__name__}") from None
         batch = _batch_of(runs[0][3])
         stats = {}
         for label, path, sess, _ in runs:

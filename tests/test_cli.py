@@ -270,6 +270,16 @@ def test_verify_and_bench_on_shipped_model(run_cli, tmp_path):
     code, out, err = run_cli("bench", compiled, "--baseline", src, "--iterations", "5", "--warmup", "1", "--batch-sizes", "1,4")
     assert code == 0, err
     assert "baseline" in out and "compiled" in out
+    # the test file's labels are verify's: compile and bench take the same file and leave them out
+    code, out, err = run_cli("bench", compiled, "--calib", MODELS / "digits_test.npz", "--iterations", "2", "--warmup", "0")
+    assert code == 0, err
+    code, _, err = run_cli(src, "--calib", MODELS / "digits_test.npz", "-o", tmp_path / "t.onnx", "-q")
+    assert code == 0, err
+    # a baseline that is not the model's original: one line, exit 2
+    other = tmp_path / "enc.onnx"
+    other.write_bytes((MODELS / "digits_encoder.onnx").read_bytes())
+    assert_bad_input(run_cli, tmp_path, "bench", compiled, "--baseline", other, "--iterations", "2",
+                     expect="--baseline is the original of the model being timed")
 
 
 def test_verify_bench_bad_input(run_cli, tmp_path, model_path):
