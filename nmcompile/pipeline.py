@@ -193,14 +193,21 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     return PassManager(passes, given=("calib_batches",) if options.calib is not None else ())
 
 
-def calibration_batches(loaded: graphio.LoadedModel, options: CompileOptions):
-    """A callable giving a fresh pass over the calibration batches (validated up front)."""
+def calibration_batches(loaded: graphio.LoadedModel, options: CompileOptions, notes: list[str] | None = None):
+    """A callable giving a fresh pass over the calibration batches (validated up front).
+    A fixed batch dimension wins over ``calib_batch``: the options then record the size
+    that ran, and ``notes`` the samples a fixed size leaves over."""
     from .calibdata import iter_batches, load_calibration, pop_labels, validate_calibration
 
     data = load_calibration(options.calib)
     pop_labels(loaded.model, data)  # verify's class indices: the same file serves both
     validate_calibration(loaded.model, data)
     batches = iter_batches(loaded.model, data, options.calib_batch)
+    options.calib_batch = batches.batch_size
+    samples = min((a.shape[0] for a in data.values()), default=0)
+    if notes is not None and batches.stop < samples:
+        notes.append(f"{samples - batches.stop} of {samples} calibration samples left out: "
+                     f"the model takes batches of exactly {batches.batch_size}")
     return lambda: batches
 
 
@@ -266,7 +273,7 @@ def compile_model(
 
     ctx = CompileContext(model=loaded, options=options)
     if options.calib is not None:
-        ctx.artifacts["calib_batches"] = calibration_batches(loaded, options)
+        ctx.artifacts["calib_batches"] = calibration_batches(loaded, options, ctx.notes)
     build_pipeline(options)(ctx)
     report = build_report(ctx, model_path)
     if not report["layers"] and any(n.domain == "nmcompile" for n in loaded.model.graph.node):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from nmcompile.passes.adaprune import PADDING_NOTE
-
 from .inspect import format_table
 
 
@@ -65,8 +63,7 @@ def format_summary(result) -> str:
     if uncalibrated:
         lines.append(f"note: {len(uncalibrated)} pruned layer(s) kept magnitude masks without a re-fit "
                      f"(e.g. {uncalibrated[0]['name']}: {uncalibrated[0]['calibration'][len('skipped: '):]}); see 'calibration' in the report")
-    if PADDING_NOTE in report.get("notes", ()):
-        lines.append("note: " + PADDING_NOTE)
+    lines += [f"note: {note}" for note in report.get("notes", ())]
     few = [layer for layer in report["layers"] if layer.get("calibration_warning")]
     if few:
         lines.append(f"warning: {len(few)} layer(s) saw fewer calibration vectors than they have inputs "

@@ -455,3 +455,19 @@ def test_pattern_none_on_a_pruned_model_keeps_tensorrt_sparsity(run_cli, tmp_pat
         eligible = [row for row in report["layers"] if row["trt_sparse"]["eligible"]]
         assert bool(eligible) is expect
         assert all(row["existing_pattern"] == "2:4" for row in eligible)
+
+
+def test_fixed_batch_reports_what_ran_and_what_was_left_out(run_cli, tmp_path):
+    import json
+
+    model = zoo.matmul_model(k=64, n=32)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4  # a fixed batch of 4
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    name = model.graph.input[0].name
+    np.savez(tmp_path / "c.npz", **{name: np.random.default_rng(0).standard_normal((10, 5, 64)).astype(np.float32)})
+    code, out, err = run_cli(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "--calib-batch", "7", "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["options"]["calibration"]["batch"] == 4
+    note = "2 of 10 calibration samples left out: the model takes batches of exactly 4"
+    assert note in report["notes"] and f"note: {note}" in out
