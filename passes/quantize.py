@@ -170,9 +170,12 @@ are left as they are; the report rows list every created name.
 
 Packing is planar base-R digits (``pack_radix``): with 4-bit codes (R = 16),
 byte i holds code i in its low nibble and code i + P in its high nibble,
-P = ceil(n/2) (2-bit: four planes; 5..8 bits: one byte per code), so Div by
-the plane weights and Mod give every plane at once. All of it is integer
-arithmetic of opset 10 (no BitShift, no UINT4, which needs opset 21,
+P = ceil(n/2) (2-bit: four planes), so Div by the plane weights and Mod give
+every plane at once. Widths that do not divide a byte take words of several
+bytes (``radix_word``: 3-bit codes eight to a 3-byte word, 5-bit eight to 5
+bytes, 6-bit four to 3), stored as byte planes and summed back into int32/int64
+words before the Div and Mod, so every width costs its bits. All of it is
+integer arithmetic of opset 10 (no BitShift, no UINT4, which needs opset 21,
 external-data support and Cast support). Each node's inputs are the data, the
 weight's shape (a small int64 constant shared by value), the codebook, and only
 where needed a separate aux tensor (per-channel codebook offsets, a log scale;
@@ -267,7 +270,7 @@ __all__ = [
     "OutputErrorMeter",
     "pack_planar",
     "unpack_planar",
-    "code_field_width",
+    "radix_word",
 ]
 
 MODES = ("int8", "log", "lut")
@@ -434,11 +437,6 @@ def _can_raise_opset(model: onnx.ModelProto, new: int) -> bool:
 # --------------------------------------------------------------------------- code packing
 
 
-def code_field_width(bits: int) -> int:
-    """Bits per stored code field: 2 for 1-2 bit codes, 4 for 3-4, 8 for 5-8."""
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
 def pack_planar(codes: np.ndarray, width: int) -> np.ndarray:
     """Pack unsigned codes `width` bits each (2, 4 or 8), planar: plane j holds codes j*P .. j*P+P-1.
 
@@ -471,45 +469,76 @@ def unpack_planar(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     return np.concatenate(planes)[:count].astype(np.uint8)
 
 
-def radix_planes(radix: int) -> int:
-    """How many base-`radix` digits one byte holds: the largest f with radix^f <= 256 (at least 1)."""
+MAX_WORD_BYTES = 7  # a word of digits stays exact in int64 arithmetic, its digits too
+
+
+def radix_word(radix: int) -> tuple[int, int]:
+    """(k, f): how many base-`radix` digits a word of k bytes holds, radix^f <= 256^k,
+    for the k <= MAX_WORD_BYTES with the fewest bits per digit (the shortest word among
+    equals). 16 -> (1, 2), 8 -> (3, 8): 3-bit codes in 3 bits, not a nibble; 32 -> (5, 8);
+    6 (the 2:4 patterns) -> (1, 3); 70 (the 4:8 patterns) -> (7, 9), 6.2 bits, not 8."""
     if not 2 <= radix <= 256:
         raise ValueError(f"radix {radix}: expected 2..256")
-    f = 1
-    while radix ** (f + 1) <= 256:
-        f += 1
-    return f
+    best = (1, 1)
+    for k in range(1, MAX_WORD_BYTES + 1):
+        f = 1
+        while radix ** (f + 1) <= 256**k:
+            f += 1
+        if f * best[0] > best[1] * k:
+            best = (k, f)
+    return best
+
+
+def digit_bits(radix: int) -> float:
+    """Bits one base-`radix` digit takes in ``pack_radix``'s words."""
+    k, f = radix_word(radix)
+    return 8 * k / f
+
+
+def packed_bytes(count: int, radix: int) -> int:
+    k, f = radix_word(radix)
+    return k * -(-count // f)
 
 
 def pack_radix(values: np.ndarray, radix: int) -> np.ndarray:
-    """Pack values in [0, radix) as base-`radix` digits, planar: byte i = sum_j v[j*P + i] * radix^j.
-
-    f = radix_planes(radix) digits per byte, P = ceil(n / f); the tail is 0. With a
-    power-of-two radix 2^w this is exactly ``pack_planar(values, w)``; with e.g. the 6
-    patterns of a 2:4 group, three groups share a byte (2.67 bits each instead of 4).
+    """Pack values in [0, radix) as base-`radix` digits in words of k bytes, planar:
+    word i = sum_j v[j*P + i] * radix^j, (k, f) = radix_word(radix), P = ceil(n / f);
+    byte plane b (bytes b*P .. b*P+P-1) holds byte b of every word; the tail is 0.
+    With one-byte words and a power-of-two radix 2^w this is exactly
+    ``pack_planar(values, w)``; the 6 patterns of a 2:4 group go three a byte
+    (2.67 bits each instead of 4), 3-bit codes eight to three bytes.
     """
     v = np.asarray(values).reshape(-1)
     if v.size and (int(v.min()) < 0 or int(v.max()) >= radix):
         raise ValueError(f"values do not fit in radix {radix}")
-    f = radix_planes(radix)
-    v = v.astype(np.uint8, copy=False)
+    k, f = radix_word(radix)
     if f == 1:
-        return v.copy()
+        return v.astype(np.uint8)
     p = -(-v.size // f)
-    out = np.zeros(p, np.uint8)
-    for j in range(f):  # uint8 all the way (no wide temporaries): every partial sum is < radix^f <= 256
+    if k == 1:  # uint8 all the way (no wide temporaries): every partial sum is < radix^f <= 256
+        out = np.zeros(p, np.uint8)
+        v = v.astype(np.uint8, copy=False)
+        for j in range(f):
+            plane = v[j * p : (j + 1) * p]
+            out[: plane.size] += plane * np.uint8(radix**j)
+        return out
+    words = np.zeros(p, np.uint64)
+    for j in range(f):
         plane = v[j * p : (j + 1) * p]
-        out[: plane.size] += plane * np.uint8(radix**j)
-    return out
+        words[: plane.size] += plane.astype(np.uint64) * np.uint64(radix**j)
+    shifts = (8 * np.arange(k, dtype=np.uint64))[:, None]
+    return ((words[None, :] >> shifts) & np.uint64(255)).astype(np.uint8).reshape(-1)
 
 
 def unpack_radix(packed: np.ndarray, count: int, radix: int) -> np.ndarray:
     """Inverse of pack_radix: `count` values (uint8)."""
     p = np.asarray(packed, dtype=np.uint8).reshape(-1).astype(np.int64)
-    f = radix_planes(radix)
+    k, f = radix_word(radix)
     if f == 1:
         return p[:count].astype(np.uint8)
-    planes = [(p // radix**j) % radix for j in range(f)]
+    words = p.reshape(k, -1)
+    words = sum(words[b] << (8 * b) for b in range(k)) if k > 1 else words[0]
+    planes = [(words // radix**j) % radix for j in range(f)]
     return np.concatenate(planes)[:count].astype(np.uint8)
 
 
@@ -1641,16 +1670,35 @@ class _Body:
     def ceil_div(self, x: str, f: int) -> str:
         return x if f == 1 else self.add("Div", [self.add("Add", [x, self.i64(f - 1)]), self.i64(f)])
 
+    def packed_bytes(self, count: str, radix: int) -> str:
+        """[1] int64: the bytes pack_radix takes for `count` digits."""
+        k, f = radix_word(radix)
+        words = self.ceil_div(count, f)
+        return words if k == 1 else self.add("Mul", [words, self.i64(k)])
+
     def digits(self, packed: str, radix: int, count: str | None) -> str:
-        """uint8 bytes of pack_radix(v, radix) -> the flat int32 values (the first `count`)."""
-        f = radix_planes(radix)
-        c = self.add("Cast", [packed], to=TensorProto.INT32)
+        """uint8 bytes of pack_radix(v, radix) -> the flat int32 values (the first `count`).
+        Words of several bytes are summed from their byte planes first (int32 while they fit)."""
+        k, f = radix_word(radix)
+        wide = 256**k > 2**31
+        itype, npt = (TensorProto.INT64, np.int64) if wide else (TensorProto.INT32, np.int32)
+        c = self.add("Cast", [packed], to=itype)
         if f == 1:  # one value per byte: nothing to split, no tail
             return c
-        div = self.const(f"div{radix}", (radix ** np.arange(f, dtype=np.int64)).astype(np.int32).reshape(f, 1))
-        mod = self.const(f"mod{radix}", np.array(radix, np.int32))
+        if k > 1:  # word = sum_b plane_b * 256^b, by Add: ORT's int64 ReduceSum rounds past 2^53
+            planes = self.add("Reshape", [c, self.i64(k, -1)])
+            word = None
+            for byte in range(k):
+                row = self.add("Gather", [planes, self.const(f"row{byte}", np.array(byte, np.int64))], axis=0)
+                if byte:
+                    row = self.add("Mul", [row, self.const(f"byte{byte}{itype}", np.array(256**byte, npt))])
+                word = row if word is None else self.add("Add", [word, row])
+            c = word
+        div = self.const(f"div{radix}", (radix ** np.arange(f, dtype=np.int64)).astype(npt).reshape(f, 1))
+        mod = self.const(f"mod{radix}{itype}", np.array(radix, npt))
         flat = self.add("Reshape", [self.add("Mod", [self.add("Div", [c, div]), mod]), self.i64(-1)])
-        return self.add("Slice", [flat, self.i64(0), count])
+        flat = self.add("Slice", [flat, self.i64(0), count])
+        return self.add("Cast", [flat], to=TensorProto.INT32) if wide else flat
 
 
 @dataclass(frozen=True)
@@ -1658,7 +1706,7 @@ class _Layout:
     """What a decoding function needs to know beyond its inputs (one function per distinct layout)."""
 
     storage: str  # "dense" | "nm"
-    width: int  # bits per code field (2, 4 or 8)
+    width: int  # bits per code (1-8; 8 where codes are stored a byte each)
     aux: str  # "none" | "offsets" | "scale" (float) | "qscale" (uint8)
     dtype: int  # the weight's TensorProto type
     side: int  # the codebook's stored type
@@ -1726,17 +1774,17 @@ def _decode_function(name: str, L: _Layout, opset: int) -> onnx.FunctionProto:
             pattern_shape = b.add("Concat", head + [groups, b.i64(1)] + tail, axis=0)
         code_shape = kept_shape
     code_radix = 1 << L.width
-    count = b.count(code_shape) if L.merged or radix_planes(code_radix) > 1 else None
+    count = b.count(code_shape) if L.merged or radix_word(code_radix)[1] > 1 else None
     aux = "aux"
     if L.merged:
-        end = b.ceil_div(count, radix_planes(code_radix))
+        end = b.packed_bytes(count, code_radix)
         codes = b.add("Slice", ["data", b.i64(0), end])
         if L.storage != "dense":
             if L.positions[0] == "positional":
                 pos_radix, pos_count = 1 << L.positions[1], count
             else:
                 pos_radix, pos_count = math.comb(L.m, L.n), b.count(pattern_shape)
-            pos_end = b.add("Add", [end, b.ceil_div(pos_count, radix_planes(pos_radix))])
+            pos_end = b.add("Add", [end, b.packed_bytes(pos_count, pos_radix)])
             positions = b.add("Slice", ["data", end, pos_end])
             end = pos_end
         if L.aux == "qscale":
@@ -1958,7 +2006,7 @@ class _Codebook:
         bits = self.qopts.bits
         K = 1 << bits
         n = w32.size
-        width = code_field_width(bits) if self.packed else 8
+        width = bits if self.packed else 8  # one code a byte where there is no Mod to unpack them
         granularity = None
         offsets = None
         scale = None
@@ -2028,13 +2076,13 @@ class _Codebook:
             layer.function = fn
             layer.bytes_before = int(w.nbytes)
             layer.bytes_after = int(sum(np.asarray(a).nbytes for a in inits.values()))
-            packing: dict[str, Any] = {"code_width": width, "layout": "planar", "sections": sections}
+            packing: dict[str, Any] = {"code_width": width, "code_word": list(radix_word(1 << width)), "layout": "planar", "sections": sections}
             if storage == "compressed":
                 if compressed["positions"][0] == "positional":
                     packing["position_width"] = compressed["positions"][1]
                 else:
                     packing["position_patterns"] = math.comb(self.qopts.pattern[1], self.qopts.pattern[0])
-                    packing["patterns_per_byte"] = radix_planes(packing["position_patterns"])
+                    packing["position_word"] = list(radix_word(packing["position_patterns"]))
             row = {
                 "mode": self.qopts.mode,
                 "bits": bits,
@@ -2254,9 +2302,9 @@ class _Codebook:
         order = np.argsort(~nz, axis=r + 1, kind="stable")
         pos = np.sort(np.take(order, np.arange(n_keep), axis=r + 1), axis=r + 1)
         kcodes = np.take_along_axis(codes.reshape(gshape), pos, axis=r + 1).astype(np.uint8)
-        pos_width = code_field_width(max(1, math.ceil(math.log2(m))))
+        pos_width = max(1, math.ceil(math.log2(m)))
         patterns = math.comb(m, n_keep)
-        if patterns <= 256 and 8 / radix_planes(patterns) < n_keep * pos_width:
+        if patterns <= 256 and digit_bits(patterns) < n_keep * digit_bits(1 << pos_width):
             combos = np.array(list(itertools.combinations(range(m), n_keep)), np.int64)
             rows = np.moveaxis(pos.astype(np.int64), r + 1, -1)
             if m ** n_keep < 2**62:

@@ -390,11 +390,13 @@ def numpy_decode(inits: dict, q: dict, shape: tuple[int, ...]) -> np.ndarray:
     data = inits[names["codes"]].reshape(-1)
     sections = {k: data[a:b] for k, (a, b) in packing["sections"].items()}
 
-    def unpack(packed, count, radix):  # base-radix digits, planar: byte i = sum_j v[j*P + i] * radix^j
-        f = 1
-        while radix ** (f + 1) <= 256:
-            f += 1
-        p = packed.reshape(-1).astype(np.int64)
+    def unpack(packed, count, radix):
+        # base-radix digits in words of k bytes (byte planes): word i = sum_j v[j*P + i] * radix^j,
+        # k and f the fewest bits per digit with radix^f <= 256^k, k <= 7, shortest word among equals
+        words = [(k, max(f for f in range(1, 64) if radix**f <= 256**k)) for k in range(1, 8)]
+        k, f = min(words, key=lambda kf: (kf[0] / kf[1], kf[0]))
+        planes = packed.reshape(k, -1).astype(np.int64)
+        p = sum(planes[b] * 256**b for b in range(k))
         return np.concatenate([(p // radix**j) % radix for j in range(f)])[:count]
 
     if q["storage"] == "dense":

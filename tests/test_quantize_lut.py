@@ -12,7 +12,7 @@ from test_quantize import MODELS, digits_calib, float_copy, initializers, numpy_
 
 from nmcompile import modelzoo
 from nmcompile.passes.nm_mask import prune_nm
-from nmcompile.passes.quantize import _fits_half, pack_planar, pack_radix, radix_planes, unpack_radix
+from nmcompile.passes.quantize import _fits_half, pack_planar, pack_radix, packed_bytes, radix_word, unpack_radix
 from nmcompile.patterns import Pattern
 from evaluate import accuracy  # noqa: E402  (models/ is on sys.path through test_quantize)
 
@@ -24,23 +24,85 @@ def work(tmp_path_factory):
 
 def test_radix_packing_roundtrip_and_planar_equivalence():
     rng = np.random.default_rng(0)
-    for radix, per_byte in ((2, 8), (4, 4), (6, 3), (16, 2), (70, 1), (256, 1)):
-        assert radix_planes(radix) == per_byte
+    for radix, word in ((2, (1, 8)), (4, (1, 4)), (6, (1, 3)), (8, (3, 8)), (16, (1, 2)), (32, (5, 8)), (64, (3, 4)),
+                        (128, (7, 8)), (70, (7, 9)), (256, (1, 1))):
+        assert radix_word(radix) == word
+        k, f = word
+        assert radix**f <= 256**k  # the word holds its digits
         for n in (1, 5, 64, 1001):
             v = rng.integers(0, radix, size=n)
+            v[: min(n, 3)] = radix - 1  # the largest digits: the top byte of a word is used
             p = pack_radix(v, radix)
-            assert p.dtype == np.uint8 and p.size == -(-n // per_byte)
+            assert p.dtype == np.uint8 and p.size == k * -(-n // f)
             assert np.array_equal(unpack_radix(p, n, radix), v)
-    for width in (2, 4, 8):  # a power-of-two radix is the planar nibble / crumb packing
+    for width in (2, 4, 8):  # a power-of-two radix in one-byte words is the planar nibble / crumb packing
         v = rng.integers(0, 1 << width, size=333)
         assert np.array_equal(pack_radix(v, 1 << width), pack_planar(v.astype(np.uint8), width))
     with pytest.raises(ValueError):
         pack_radix([6], 6)
 
 
+def test_radix_words_against_brute_force():
+    # the fewest bits per digit over words of 1..7 bytes, the shortest word among equals
+    for radix in range(2, 257):
+        best = None
+        for k in range(1, 8):
+            f = max(f for f in range(1, 64) if radix**f <= 256**k)
+            if best is None or 8 * k / f < 8 * best[0] / best[1] - 1e-12:
+                best = (k, f)
+        assert radix_word(radix) == best, radix
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_graph_unpacks_every_word_size_exactly(opset):
+    # the decoding subgraph against pack_radix, the largest digits included (7-byte words
+    # reach 2^56, where a float64 sum would round: ORT's int64 ReduceSum does)
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from nmcompile.passes.quantize import _Body
+
+    rng = np.random.default_rng(1)
+    for radix in (2, 6, 8, 16, 32, 64, 70, 128, 200, 256):
+        b = _Body(opset)
+        out = b.digits("x", radix, "n")
+        graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None]),
+                                                 helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+                                  [helper.make_tensor_value_info(out, TensorProto.INT32, [None])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+        v = rng.integers(0, radix, size=101)
+        v[::3] = radix - 1
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": pack_radix(v, radix), "n": np.array([v.size])})[0]
+        assert np.array_equal(got, v), radix
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_odd_code_widths_cost_their_bits(work, bits):
+    # 3, 5, 6 and 7-bit codes decode exactly from multi-byte words, and take bits/8 bytes a code
+    model = modelzoo.matmul_model(k=96, n=40)
+    src = work / f"mm_bits{bits}.onnx"
+    onnx.save(model, str(src))
+    x = modelzoo.random_inputs(model, batch=2, dims={"S": 4})
+    for path, tag in ((src, "17"), (work / f"mm_bits{bits}_o11.onnx", "11")):
+        if tag == "11":  # the same at opset 11 (Slice, Gather and integer Div/Mod as they were then)
+            onnx.save(modelzoo.matmul_model(k=96, n=40, opset=11), str(path))
+        out = work / f"mm_bits{bits}_{tag}_lut.onnx"
+        ctx = quantize(path, out, None, quantize="lut", bits=bits, pattern=None, lut_granularity="tensor")
+        inits = initializers(out)
+        got = ort_values(out, [t.weight for t in ctx.artifacts["targets"]], x)
+        for t in ctx.artifacts["targets"]:
+            q = ctx.layers[t.name]["quant"]
+            ref = numpy_decode(inits, q, got[t.weight].shape)
+            assert np.array_equal(got[t.weight].view(np.uint32), ref.view(np.uint32))
+            a, b = q["packing"]["sections"]["codes"]
+            assert b - a == packed_bytes(got[t.weight].size, 1 << bits)
+            assert (b - a) <= got[t.weight].size * bits / 8 + 8  # a partial last word at most
+
+
 @pytest.mark.parametrize("n,m,positions", [(2, 4, "pattern"), (4, 8, "pattern"), (1, 4, "positional"), (31, 32, "pattern")])
 def test_nm_position_storage_decodes_exactly(work, n, m, positions):
-    """2:4 stores one of 6 patterns per group (3 groups a byte), 4:8 one of 70 (a byte); 1:4 a 2-bit position;
+    """2:4 stores one of 6 patterns per group (3 groups a byte), 4:8 one of 70 (9 groups in 7 bytes); 1:4 a 2-bit position;
     31:32 one of 32 (a base-32 key of 31 positions overflows int64)."""
     model = modelzoo.matmul_model(k=64, n=32)
     for t in model.graph.initializer:
@@ -67,7 +129,9 @@ def test_nm_position_storage_decodes_exactly(work, n, m, positions):
         pos_bytes = q["packing"]["sections"]["positions"]
         pos_bytes = pos_bytes[1] - pos_bytes[0]
         if positions == "pattern":
-            assert pos_bytes == -(-groups // radix_planes(q["packing"]["position_patterns"]))
+            k, f = radix_word(q["packing"]["position_patterns"])
+            assert q["packing"]["position_word"] == [k, f]
+            assert pos_bytes == k * -(-groups // f)
         else:
             assert pos_bytes == -(-groups * n // 4)  # 2-bit positions, four a byte
 
