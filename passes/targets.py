@@ -134,8 +134,8 @@ class WeightView:
 
     def write(self, eff_values: np.ndarray) -> None:
         """Store new effective values (re-fitted weights), re-quantizing behind a DequantizeLinear."""
-        stored = np.array(self.loaded.array(self.weight))
-        dec = self.decoded().reshape(-1)
+        stored = self.loaded.array(self.weight)  # shape and dtype only: it may be a read-only map of the file
+        dec = np.array(self.decoded(), dtype=np.float32).reshape(-1)  # a writable copy, for the same reason
         idx = self.index_map()
         if idx is None:
             dec[:] = eff_values.reshape(-1)

@@ -390,3 +390,31 @@ def test_layers_calibration_cannot_fit_are_named_on_the_terminal(tmp_path):
     (row,) = result.report["layers"]
     assert row["calibration"].startswith("skipped") and row["sparsity"] == 0.5
     assert "note: 1 pruned layer(s) kept magnitude masks without a re-fit (e.g. bmm: batched" in format_summary(result)
+
+
+@pytest.mark.parametrize("pattern,sequential", [("2:4", False), ("2:4", True), ("4:8", False)])
+def test_refit_of_weights_that_already_follow_the_pattern(tmp_path, pattern, sequential):
+    # weights read straight from the file (no BatchNorm folded, no zeros to set): the
+    # re-fit must write a copy, not into the read-only map of the input
+    from nmcompile.passes.nm_mask import prune_nm
+
+    model = zoo.matmul_model(k=64, n=32)
+    for t in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(t)
+        if w.ndim == 2:
+            t.CopyFrom(onnx.numpy_helper.from_array(prune_nm(w, 2, 4, 0)[0], t.name))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 5, 64)).astype(np.float32))
+    before = src.read_bytes()
+    result = compile_model(src, output=tmp_path / "o.onnx", pattern=pattern, calib=tmp_path / "c.npz", sequential_calib=sequential)
+    assert src.read_bytes() == before
+    fitted = [row for row in result.report["layers"] if row.get("reconstruction_error_adaprune") is not None]
+    assert fitted and all(row["existing_pattern"] == "2:4" and row["violations"] == 0 for row in fitted)
+    assert all(row["reconstruction_error_adaprune"] < 1e-3 for row in fitted)  # it already was what it fits
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(result.paths.model)).graph.initializer}
+    for t in model.graph.initializer:
+        w = onnx.numpy_helper.to_array(t)
+        if w.ndim == 2:
+            assert np.array_equal(after[t.name] == 0, w == 0)  # the support is kept
