@@ -497,7 +497,7 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
         for tensor, is_top in _tensors_with_origin(model.graph, True):
             override = loaded._overrides.get(tensor.name) if is_top else None
             if override is not None:
-                raw = memoryview(np.ascontiguousarray(override).astype(override.dtype.newbyteorder("<"), copy=False)).cast("B")
+                raw = _little_endian_bytes(override)
             elif is_external(tensor):
                 raw = _read_raw_external(tensor, loaded.base_dir)
             else:
@@ -535,6 +535,15 @@ def save_model(loaded: LoadedModel, out_path: Path, writer: AtomicWriter, extern
             writer.write_bytes(out_path, serialized)
             model_bytes = len(serialized)
     return SaveResult(out_path, data_path, model_bytes, data_bytes)
+
+
+def _little_endian_bytes(array: np.ndarray) -> memoryview:
+    """An array's raw_data bytes. By a uint8 view, not memoryview's own cast: that cannot
+    take the custom dtypes onnx decodes bfloat16 and float8 tensors to."""
+    a = np.ascontiguousarray(array)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return memoryview(a.reshape(-1).view(np.uint8))
 
 
 def _varint(value: int) -> bytes:

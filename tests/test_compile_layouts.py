@@ -225,3 +225,22 @@ def test_large_output_switches_to_external_data(tmp_path, monkeypatch):
     feeds = zoo.random_inputs(model)
     assert run(result.paths.model, feeds)[0].shape == run(src, feeds)[0].shape
     assert group_max_nonzeros(effective_weights(result.paths.model)["mm1"][0], 4, 0) == 2
+
+
+def test_bfloat16_weight_behind_a_cast(tmp_path):
+    # exporters store bfloat16 checkpoints as raw bytes, Cast to float before the MatMul
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    wb = helper.make_tensor("wb", TensorProto.BFLOAT16, [32, 16], vals=bits.tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("Cast", ["wb"], ["w"], to=TensorProto.FLOAT),
+                               helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [wb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    for kw in ({}, {"calib": tmp_path / "c.npz"}):
+        _, _, out = compile_and_check(tmp_path, model, expect_pruned=["mm"], **kw)
+        assert {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}["wb"] == TensorProto.BFLOAT16
