@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from nmcompile.graph import GraphIndex, attr
+from nmcompile.graphio import iter_graphs
 
 from .base import CompileContext, Pass, PassResult
 
@@ -430,4 +431,10 @@ class FindTargets(Pass):
                     else:
                         t.skip = f"shared weight whose uses group it along different axes ({names})"
         ctx.artifacts["targets"] = targets
-        return PassResult(False)
+        notes = []
+        inner = [n for g in list(iter_graphs(ctx.model.model.graph))[1:] for n in g.node if n.op_type in TARGET_OPS]
+        if inner:
+            names = ", ".join(n.name or n.op_type for n in inner[:3]) + (", ..." if len(inner) > 3 else "")
+            notes.append(f"{len(inner)} MatMul/Gemm/Conv node(s) inside If/Loop/Scan subgraphs left as they are "
+                         f"({names}): nmcompile compiles the main graph's layers")
+        return PassResult(False, notes)

@@ -244,3 +244,26 @@ def test_bfloat16_weight_behind_a_cast(tmp_path):
     for kw in ({}, {"calib": tmp_path / "c.npz"}):
         _, _, out = compile_and_check(tmp_path, model, expect_pruned=["mm"], **kw)
         assert {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}["wb"] == TensorProto.BFLOAT16
+
+
+def test_layers_inside_subgraphs_are_named_as_left_alone(tmp_path):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    w = lambda *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), f"w{len(s)}{s[0]}{rng.integers(1e6)}")
+    then_w, else_w = w(32, 32), w(32, 32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h", then_w.name], ["ty"], name="then_mm")], "then", [],
+                               [vi("ty", TensorProto.FLOAT, ["N", 32])], [then_w])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["ey"])], "else", [], [vi("ey", TensorProto.FLOAT, ["N", 32])])
+    outer = w(32, 32)
+    graph = helper.make_graph([
+        helper.make_node("MatMul", ["x", outer.name], ["h"], name="outer_mm"),
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+        "g", [vi("x", TensorProto.FLOAT, ["N", 32]), vi("cond", TensorProto.BOOL, [])], [vi("y", TensorProto.FLOAT, ["N", 32])], [outer, else_w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    result = compile_model(tmp_path / "m.onnx", tmp_path / "o.onnx")
+    assert [row["name"] for row in result.report["layers"]] == ["outer_mm"]
+    assert any("1 MatMul/Gemm/Conv node(s) inside If/Loop/Scan subgraphs left as they are (then_mm)" in n
+               for n in result.report["notes"])
