@@ -425,7 +425,9 @@ class FindTargets(Pass):
                 if not t.skip and len(t.uses) > 1 and not uses_agree(ctx.model, t, m):
                     names = ", ".join(u.node.name for u in t.uses)
                     dims = t.primary.eff_shape
-                    if transposed_pair(ctx.model, t) and all(d % m == 0 for d in dims):
+                    if transposed_pair(ctx.model, t) and opts.sequential:
+                        t.skip = f"shared by uses that read it transposed ({names}): no sequential mask holds both ways"
+                    elif transposed_pair(ctx.model, t) and all(d % m == 0 for d in dims):
                         t.transposable = True
                         t.notes.append(f"shared by uses that read it transposed ({names}): transposable mask, N:M both ways")
                     else:

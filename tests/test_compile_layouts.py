@@ -267,3 +267,16 @@ def test_layers_inside_subgraphs_are_named_as_left_alone(tmp_path):
     assert [row["name"] for row in result.report["layers"]] == ["outer_mm"]
     assert any("1 MatMul/Gemm/Conv node(s) inside If/Loop/Scan subgraphs left as they are (then_mm)" in n
                for n in result.report["notes"])
+
+
+def test_sequential_keeps_a_transposed_shared_weight_dense(tmp_path):
+    # no sequential mask holds along both axes: dense with the reason, not a transposable mask labelled -seq
+    result = compile_model_to(tmp_path, zoo.shared_weight_model(transposed_second_use=True), sequential=True)
+    (row,) = result.report["layers"]
+    assert row["pattern"] is None and "no sequential mask holds both ways" in row["skipped"]
+    assert row["sparsity"] == 0.0
+
+
+def compile_model_to(tmp_path, model, **kw):
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    return compile_model(tmp_path / "m.onnx", tmp_path / "o.onnx", **kw)
