@@ -56,9 +56,17 @@ def from_row_blocks(blocks: list[np.ndarray], use: Use) -> np.ndarray:
     return np.moveaxis(blocks[0].reshape(moved), 0, use.out_axis)
 
 
-def calibratable(target: Target) -> str | None:
-    """Why a target cannot be re-fitted from statistics (None: it can)."""
+def layer_input(use: Use) -> str:
+    """The tensor whose vectors the weight multiplies."""
+    return use.node.input[1] if (use.op == "MatMul" and use.slot == 0) else use.node.input[0]
+
+
+def calibratable(target: Target, loaded=None) -> str | None:
+    """Why a target cannot be re-fitted from statistics (None: it can). ``loaded``: the
+    model, to tell a layer input that is a constant (a product of two weights)."""
     use = target.primary
+    if loaded is not None and any(loaded.initializer(layer_input(u)) is not None for u in target.uses):
+        return "its layer input is a constant as well (a product of two weights): no data flows through it"
     if target.transposable and len(target.uses) > 1:
         return "shared weight read transposed: no single layer input to fit against"
     if use.op != "Conv" and len(use.eff_shape) != 2:
@@ -94,7 +102,7 @@ class CollectStatistics(Pass):
         targets = self.only if self.only is not None else [t for t in ctx.artifacts["targets"] if not t.skip]
         specs, owners = [], []
         for target in targets:
-            reason = calibratable(target)
+            reason = calibratable(target, ctx.model)
             if reason:
                 ctx.layer(target.name)["calibration"] = f"skipped: {reason}"
                 continue
@@ -440,7 +448,7 @@ class KeepDenseWeights(Pass):
     def run(self, ctx: CompileContext) -> PassResult:
         kept = ctx.artifacts.setdefault("dense_weights", {})
         for target in self.only if self.only is not None else ctx.artifacts["targets"]:
-            if not target.skip and calibratable(target) is None and target.name not in kept:
+            if not target.skip and calibratable(target, ctx.model) is None and target.name not in kept:
                 kept[target.name] = WeightView(ctx.model, target.weight, target.primary).effective().copy()
         return PassResult(False)
 
@@ -496,10 +504,10 @@ def mask_uncalibratable(ctx: CompileContext) -> list[Target]:
     from .nm_mask import NMMask
 
     targets = [t for t in ctx.artifacts["targets"] if not t.skip]
-    fit = [t for t in targets if calibratable(t) is None]
+    fit = [t for t in targets if calibratable(t, ctx.model) is None]
     for t in targets:
         if t not in fit:
-            ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t)}"
+            ctx.layer(t.name)["calibration"] = f"skipped: {calibratable(t, ctx.model)}"
     ctx.artifacts.setdefault("masks", {})
     NMMask(only=[t for t in targets if t not in fit]).run(ctx)
     return fit
@@ -606,7 +614,8 @@ class Calibrate(Pass):
                 ctx.artifacts["stats"].pop(t.name, None)
                 ctx.artifacts["dense_weights"].pop(t.name, None)
                 release_free_memory()
-        ctx.notes.append(f"calibration in {len(chunks)} chunk(s) of layers within a {budget / 2**20:g} MiB statistics budget")
+        if chunks:
+            ctx.notes.append(f"calibration in {len(chunks)} chunk(s) of layers within a {budget / 2**20:g} MiB statistics budget")
         return PassResult(True)
 
 
@@ -638,8 +647,7 @@ def upstream_targets(targets: list[Target], graph: onnx.GraphProto) -> dict[str,
     for t in targets:
         upstream[t.name] = set()
         for u in t.uses:
-            act = u.node.input[1] if (u.op == "MatMul" and u.slot == 0) else u.node.input[0]
-            upstream[t.name] |= ancestors(act) - {t.name}
+            upstream[t.name] |= ancestors(layer_input(u)) - {t.name}
     return upstream
 
 

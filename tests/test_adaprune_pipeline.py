@@ -418,3 +418,24 @@ def test_refit_of_weights_that_already_follow_the_pattern(tmp_path, pattern, seq
         w = onnx.numpy_helper.to_array(t)
         if w.ndim == 2:
             assert np.array_equal(after[t.name] == 0, w == 0)  # the support is kept
+
+
+def test_product_of_two_weights_is_masked_without_a_refit(tmp_path):
+    # MatMul(A, B) of two initializers (a factored weight): no calibration data flows
+    # through it, so it keeps a magnitude mask and says why (was an internal error)
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["AB"], name="constmm"),
+                               helper.make_node("MatMul", ["x", "AB"], ["y"], name="mm")], "g",
+                              [vi("x", 1, ["N", 32])], [vi("y", 1, ["N", 16])],
+                              [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "A"),
+                               numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "B")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    for quantize in (None, "int8"):
+        result = compile_model(tmp_path / "m.onnx", tmp_path / "o.onnx", calib=tmp_path / "c.npz", quantize=quantize)
+        rows = {row["name"]: row for row in result.report["layers"]}
+        assert rows["constmm"]["calibration"].startswith("skipped: its layer input is a constant as well")
+        assert rows["constmm"]["sparsity"] == pytest.approx(0.5)
