@@ -596,9 +596,10 @@ class _Sessions:
         g.name = src.graph.name or "graph"
         g.node.extend(nodes)
         refs = names_read(nodes)
-        src_inits = {t.name for t in src.graph.initializer}
+        src_inits = {t.name for t in src.graph.initializer} | {t.values.name for t in src.graph.sparse_initializer}
         g.input.extend(i for i in src.graph.input
                        if i.name not in drop_inputs and i.name not in removed and (i.name not in src_inits or i.name in refs))
+        g.sparse_initializer.extend(t for t in src.graph.sparse_initializer if t.values.name in refs and t.values.name not in removed)
         typed = {vi.name: vi for vi in list(src.graph.value_info) + list(src.graph.output)}
         for o in outputs:
             g.output.append(typed[o] if o in typed else onnx.ValueInfoProto(name=o))

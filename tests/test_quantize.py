@@ -657,3 +657,27 @@ def test_int8_gemm_beta_leaves_no_dead_bias_and_int8_twice_changes_nothing(tmp_p
     assert "weight already quantized" in str(row)
     ops = lambda p: sorted(n.op_type for n in onnx.load(p).graph.node)
     assert ops(twice.paths.model) == ops(once.paths.model)  # no second Q/DQ pair
+
+
+def test_sparse_initializer_weight_is_left_float(tmp_path):
+    # a weight stored as a sparse_initializer is no target; the sessions the pass builds must still carry it
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((32, 16)).astype(np.float32)
+    dense[np.abs(dense) < 0.5] = 0
+    idx = np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(dense.ravel()[idx], "ws"),
+                                       numpy_helper.from_array(idx.astype(np.int64), "ws_idx"), [32, 16])
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "ws"], ["y"], name="mm")], "g",
+                              [vi("x", 1, ["N", 32])], [vi("y", 1, ["N", 16])], sparse_initializer=[sparse])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    x = rng.standard_normal((8, 32)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    from nmcompile.pipeline import compile_model
+
+    result = compile_model(src, tmp_path / "o.onnx", pattern=None, quantize="int8", calib=tmp_path / "c.npz")
+    sess = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ dense, rtol=1e-5, atol=1e-5)
