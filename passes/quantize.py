@@ -1035,7 +1035,11 @@ class _Int8:
         if reference_samples > 0:
             out_names += [o for o in graph_outs if o not in out_names]
         stats = {t: _ActStats() for t in wanted}
-        sess = sessions.create(self.base_nodes, out_names, prune=True) if out_names else None
+        try:  # the model as it came: if ORT cannot load it, the model is at fault, not an edit of ours
+            sess = sessions.create(self.base_nodes, out_names, prune=True) if out_names else None
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"ONNX Runtime cannot load the model to calibrate it: {first}") from None
         ref: _Reference | None = None
         if reference_samples > 0 and sess is not None:
             types = {o.name: o.type for o in sess.get_outputs()}

@@ -709,9 +709,12 @@ def _build_session(model: onnx.ModelProto, wanted: list[str], base_dir: str | No
     del m
     try:
         sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-    except Exception:
-        if not feeds:
-            raise
+    except Exception as exc:
+        if not feeds:  # the model itself: ORT cannot load it (say, inconsistent shapes)
+            from nmcompile.errors import UserError
+
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"ONNX Runtime cannot load the model to calibrate it: {first}") from None
         # some kernel insists on a constant weight: embed copies instead
         del blob
         return _build_session(model, wanted, base_dir, overrides, by_reference=False)

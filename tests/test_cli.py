@@ -471,3 +471,19 @@ def test_fixed_batch_reports_what_ran_and_what_was_left_out(run_cli, tmp_path):
     assert report["options"]["calibration"]["batch"] == 4
     note = "2 of 10 calibration samples left out: the model takes batches of exactly 4"
     assert note in report["notes"] and f"note: {note}" in out
+
+
+def test_a_model_onnxruntime_cannot_load_is_refused_under_calibration(run_cli, tmp_path):
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm1")], "g",
+                              [vi("x", 1, ["N", 60])], [vi("y", 1, ["N", 32])],  # 60 inputs for a 64-row weight
+                              [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((8, 60)).astype(np.float32))
+    for extra in ((), ("--pattern", "none", "--quantize", "int8")):
+        assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", *extra, "-o", tmp_path / "o.onnx",
+                         expect="ONNX Runtime cannot load the model to calibrate it")
