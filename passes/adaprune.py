@@ -27,7 +27,7 @@ from .adaprune_solver import (
     trace_of_product,
 )
 from .base import CompileContext, Pass, PassResult
-from .statistics import LayerSpec, LayerStats, collect_statistics, spec_from_node, token_mask
+from .statistics import LayerSpec, LayerStats, collect_statistics, require_features, spec_from_node, token_mask
 from .targets import Target, Use, WeightView
 
 # The first is the default with calibration data.
@@ -121,7 +121,9 @@ class CollectStatistics(Pass):
             float32_sums_from=FLOAT32_FROM_K,
         )
         stats: dict[str, list[LayerStats]] = ctx.artifacts.setdefault("stats", {})
+        by_name = {t.name: t for t in targets}
         for spec, (name, i) in zip(specs, owners):
+            require_features(spec, raw[spec.name].features, gram_shape(by_name[name])[1])
             stats.setdefault(name, [])
             stats[name].append(raw[spec.name])
         return PassResult(False)

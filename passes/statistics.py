@@ -493,6 +493,16 @@ def _require_finite(spec: LayerSpec, *sums: np.ndarray) -> None:
 BLOCKED_FROM_K = 1024
 
 
+def require_features(spec: LayerSpec, got: int, want: int) -> None:
+    """A layer input whose vectors are not as long as the weight's reduction: the model's
+    declared shapes disagree with its weights (ORT may run the input straight from the data)."""
+    if got != want:
+        from nmcompile.errors import UserError
+
+        raise UserError(f"layer {spec.name.split('#')[0]}: its input has {got} values per vector where its weight "
+                        f"takes {want}: the model's shapes and weights disagree")
+
+
 def token_mask(batch: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """(batch, sequence) bool, True at real tokens, from the batch's attention mask;
     None when it has none (or one that is not 0/1: an additive mask says nothing sure)."""
@@ -859,6 +869,7 @@ class _CrossAccumulator:
             raise ValueError(f"layer {spec.name}: compressed and dense inputs differ in shape")
         if spec.kind == "dense":
             ax = spec.feature_axis
+            require_features(spec, xs.shape[ax], K)
             Xs = token_rows(np.moveaxis(xs, ax, -1), tokens)
             Xd = token_rows(np.moveaxis(xd, ax, -1), tokens)
             step = max(256, self.chunk_bytes // (8 * K))
@@ -870,6 +881,7 @@ class _CrossAccumulator:
 
             cost = 2 * step * K * 4 + K * O * 8
             return [(cost, lambda r0=r0: job(r0)) for r0 in range(0, Xs.shape[0], step)]
+        require_features(spec, xs.shape[1] // G * math.prod(spec.kernel_shape), K)
         out = conv_output_shape(spec, xs.shape[2:])
         per_sample = G * K * math.prod(out) * 4
         n_step = max(1, self.chunk_bytes // (2 * per_sample))

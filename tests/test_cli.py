@@ -484,6 +484,16 @@ def test_a_model_onnxruntime_cannot_load_is_refused_under_calibration(run_cli, t
     src = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(src))
     np.savez(tmp_path / "c.npz", x=rng.standard_normal((8, 60)).astype(np.float32))
+    # the layer reads the graph input straight from the data: its vectors are too short
+    assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", "-o", tmp_path / "o.onnx",
+                     expect="layer mm1: its input has 60 values per vector where its weight takes 64")
+    assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", "--sequential-calib", "-o", tmp_path / "o.onnx",
+                     expect="layer mm1: its input has 60 values per vector where its weight takes 64")
+    # ORT must load the model to compute layer inputs (or int8 ranges): it cannot
+    model = zoo.matmul_model(k=64)
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 60
+    onnx.save(model, str(src))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((8, 5, 60)).astype(np.float32))
     for extra in ((), ("--pattern", "none", "--quantize", "int8")):
         assert_bad_input(run_cli, tmp_path, src, "--calib", tmp_path / "c.npz", *extra, "-o", tmp_path / "o.onnx",
                          expect="ONNX Runtime cannot load the model to calibrate it")
