@@ -64,6 +64,8 @@ def format_summary(result) -> str:
         lines.append(f"note: {len(uncalibrated)} pruned layer(s) kept magnitude masks without a re-fit "
                      f"(e.g. {uncalibrated[0]['name']}: {uncalibrated[0]['calibration'][len('skipped: '):]}); see 'calibration' in the report")
     lines += [f"note: {note}" for note in report.get("notes", ())]
+    layer_notes = [f"note: {layer['name']}: {note}" for layer in report["layers"] for note in layer.get("notes", ())]
+    lines += layer_notes[:5] + ([f"note: {len(layer_notes) - 5} more layer note(s) in the report"] if len(layer_notes) > 5 else [])
     few = [layer for layer in report["layers"] if layer.get("calibration_warning")]
     if few:
         lines.append(f"warning: {len(few)} layer(s) saw fewer calibration vectors than they have inputs "

@@ -386,6 +386,21 @@ def _same_geometry(a: Use, b: Use) -> bool:
     )
 
 
+def _graph_outputs_of(weight: str, index: GraphIndex) -> list[str]:
+    """Graph outputs that are the weight, or the weight through layout and value ops."""
+    outputs = {o.name for o in index.graph.output}
+    found, stack, seen = [], [weight], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in outputs:
+            found.append(name)
+        stack.extend(o for n, _ in index.uses(name) if n.op_type in LAYOUT_OPS | VALUE_OPS for o in n.output if o)
+    return sorted(found)
+
+
 def _decide_skip(target: Target, index: GraphIndex, m: int | None, exclude: tuple[str, ...]) -> None:
     if target.skip:
         return
@@ -405,6 +420,9 @@ def _decide_skip(target: Target, index: GraphIndex, m: int | None, exclude: tupl
     if len(reds) > 1:
         target.skip = f"shared by uses with different reduction lengths {sorted(reds)}"
         return
+    outputs = _graph_outputs_of(target.weight, index)
+    if outputs:
+        target.notes.append(f"also a graph output ({', '.join(outputs)}): pruned there too")
     others = sorted({n.op_type for n, _ in index.uses(target.weight)} - set(TARGET_OPS) - LAYOUT_OPS - VALUE_OPS)
     if others:
         target.notes.append(f"also read by {', '.join(others)}: pruned there too")

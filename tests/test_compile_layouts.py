@@ -280,3 +280,21 @@ def test_sequential_keeps_a_transposed_shared_weight_dense(tmp_path):
 def compile_model_to(tmp_path, model, **kw):
     onnx.save(model, str(tmp_path / "m.onnx"))
     return compile_model(tmp_path / "m.onnx", tmp_path / "o.onnx", **kw)
+
+
+def test_weight_that_is_also_a_graph_output_is_noted(tmp_path):
+    from onnx import helper
+
+    vi = helper.make_tensor_value_info
+    w = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"),
+                               helper.make_node("Identity", ["W"], ["W_out"], name="idw")], "g",
+                              [vi("x", 1, ["N", 32])], [vi("y", 1, ["N", 16]), vi("W_out", 1, [32, 16])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = compile_model_to(tmp_path, model)
+    (row,) = result.report["layers"]
+    assert "also a graph output (W_out): pruned there too" in row["notes"]
+    from nmcompile.summary import format_summary
+
+    assert "note: mm: also a graph output (W_out): pruned there too" in format_summary(result)
