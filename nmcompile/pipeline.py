@@ -402,6 +402,8 @@ def build_report(ctx: CompileContext, model_path: Path) -> dict:
             "reconstruction_error_adaprune",
             "calibration_vectors",
             "calibration_warning",
+            "damping",
+            "shrinkage",
             "calibration",
             "permute",
             "quant",

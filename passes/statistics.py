@@ -188,10 +188,34 @@ class LayerStats:
     packed: np.ndarray
     mean: np.ndarray
     count: int
+    fourth: np.ndarray | None = None  # (G,) Σ ‖x‖⁴: how much the Gram varies from vector to vector
 
     @classmethod
     def from_gram(cls, gram: np.ndarray, mean: np.ndarray, count: int) -> "LayerStats":
         return cls(pack_upper(np.asarray(gram, np.float64)), np.asarray(mean), int(count))
+
+    def shrinkage(self) -> float | None:
+        """Ledoit-Wolf's shrinkage intensity of the second-moment matrix S = H/n toward
+        mean(diag S)·I, from Σ‖x‖⁴ (mean over groups; None without it): ~0 where the
+        calibration vectors pin S down, 1 where S is mostly sampling noise (few vectors,
+        or inputs with no structure to fit)."""
+        if self.fourth is None or self.count == 0:
+            return None
+        n, K = float(self.count), self.features
+        out = []
+        off = _tri_offsets(K)
+        step = 1 << 19  # float64 slices of 4 MB: a float32 triangle is not copied whole
+        for g in range(self.groups):
+            packed = self.packed[g]
+            d = packed[off[:-1]].astype(np.float64)  # the diagonal: the first entry of each row segment
+            squares = sum(float(np.dot(c, c)) for c in (packed[i:i + step].astype(np.float64) for i in range(0, packed.size, step)))
+            frob = 2.0 * squares - float(d @ d)  # ‖H‖_F²
+            mu = float(d.sum()) / (K * n)
+            s2 = frob / n**2  # ‖S‖_F²
+            d2 = s2 - mu * mu * K  # ‖S − μI‖_F²
+            b2 = (float(self.fourth[g]) - n * s2) / n**2
+            out.append(1.0 if d2 <= 0 else min(1.0, max(0.0, b2 / d2)))
+        return float(np.mean(out))
 
     @property
     def groups(self) -> int:
@@ -359,6 +383,7 @@ class _Accumulator:
         self.float32_sums_from = float32_sums_from
         self.packed: np.ndarray | None = None  # (G, K(K+1)/2) upper triangle
         self.sums: np.ndarray | None = None
+        self.fourth: np.ndarray | None = None
         self.shape: tuple[int, int] | None = None
         self.count = 0
 
@@ -368,6 +393,7 @@ class _Accumulator:
             wide = self.float32_sums_from is not None and K >= self.float32_sums_from
             self.packed = np.zeros((G, K * (K + 1) // 2), np.float32 if wide else np.float64)
             self.sums = np.zeros((G, K), np.float64)
+            self.fourth = np.zeros(G, np.float64)
             self.offsets = _tri_offsets(K)
             # small K: one gather with a cached index; large K: row slices
             self.tri_index = np.flatnonzero(np.triu(np.ones((K, K), bool))) if K <= 512 else None
@@ -381,8 +407,9 @@ class _Accumulator:
             self.merge(job())
 
     def merge(self, part, pool=None) -> None:
-        prod, sums = part  # prod (G, K, K) float32/64, symmetric; or the patches themselves
+        prod, sums, fourth = part  # prod (G, K, K) float32/64, symmetric; or the patches themselves
         G, K = self.shape
+        self.fourth += fourth
         if isinstance(prod, _Patches):
             for g in range(G):
                 _add_upper_products(self.packed[g], self.offsets, prod.rows[g], pool)
@@ -421,10 +448,12 @@ class _Accumulator:
 
         def job(r0):
             c = np.ascontiguousarray(X[r0:r0 + step], dtype=dtype)
+            norms = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+            fourth = np.array([norms @ norms])
             if blocked:
-                return _Patches(np.ascontiguousarray(c.T)[None]), c.sum(axis=0, dtype=np.float64)[None]
+                return _Patches(np.ascontiguousarray(c.T)[None]), c.sum(axis=0, dtype=np.float64)[None], fourth
             prod = np.matmul(c.T, c)  # SYRK: c.T and c share memory
-            return prod[None], c.sum(axis=0, dtype=np.float64)[None]
+            return prod[None], c.sum(axis=0, dtype=np.float64)[None], fourth
 
         cost = (0 if blocked else K * K * dtype.itemsize) + step * K * dtype.itemsize
         return [(cost, lambda r0=r0: job(r0)) for r0 in range(0, X.shape[0], step)]
@@ -455,13 +484,15 @@ class _Accumulator:
         def job(n0, h0):
             v = _window_view(x[n0:n0 + n_step], spec)  # pads this sample chunk only
             P = _patches_T(v[:, :, h0:h0 + h_step], G, dtype)  # (G, K, rows)
+            norms = np.einsum("gkr,gkr->gr", P, P, dtype=np.float64)
+            fourth = np.einsum("gr,gr->g", norms, norms)
             if blocked:
-                return _Patches(P), P.sum(axis=2, dtype=np.float64)
+                return _Patches(P), P.sum(axis=2, dtype=np.float64), fourth
             if G == 1:
                 prod = np.matmul(P[0], P[0].T)[None]  # SYRK
             else:
                 prod = np.matmul(P, P.transpose(0, 2, 1))
-            return prod, P.sum(axis=2, dtype=np.float64)
+            return prod, P.sum(axis=2, dtype=np.float64), fourth
 
         cost = (0 if blocked else G * K * K * dtype.itemsize) + min(per_sample * n_step, self.chunk_bytes)
         return [(cost, lambda n0=n0, h0=h0: job(n0, h0))
@@ -471,7 +502,7 @@ class _Accumulator:
         if self.packed is None or self.count == 0:
             raise ValueError(f"layer {self.spec.name}: no calibration samples")
         _require_finite(self.spec, self.packed, self.sums)
-        return LayerStats(self.packed, self.sums / self.count, self.count)
+        return LayerStats(self.packed, self.sums / self.count, self.count, self.fourth)
 
 
 def _require_finite(spec: LayerSpec, *sums: np.ndarray) -> None:

@@ -40,6 +40,8 @@ def test_calibrated_2_4_keeps_accuracy_where_magnitude_loses(tmp_path, model, ca
         if layer["skipped"] is None:
             assert layer["reconstruction_error_adaprune"] <= layer["reconstruction_error_masked"] + 1e-9
             assert 0 <= layer["reconstruction_error_adaprune"] < 1
+            # real data pins the statistics down: little shrinkage, the 1% damping floor mostly
+            assert layer["shrinkage"] < 0.1 and layer["damping"] == pytest.approx(max(0.01, layer["shrinkage"] / (1 - layer["shrinkage"])))
     # the pattern holds on the re-fitted weights
     from test_compile_layouts import effective_weights
     from nmcompile.passes.nm_mask import group_max_nonzeros

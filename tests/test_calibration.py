@@ -807,3 +807,68 @@ def test_joint_keep_set_choice_only_where_the_sets_are_few(monkeypatch):
         keep = ad.joint_mask_score(W, lambda g, order, dtype: H.astype(dtype), 0, use, n, m, 0.01)
         assert (keep.reshape(4, -1, m).sum(axis=2) == n).all()
         assert bool(calls) == joint  # 8:16 would try 12870 keep sets per group, 8:32 10.5 million
+
+
+def _ledoit_wolf(X: np.ndarray) -> float:
+    """Ledoit-Wolf's shrinkage intensity of S = XᵀX/n toward mean(diag S)·I, written out."""
+    n, K = X.shape
+    S = X.T @ X / n
+    mu = np.trace(S) / K
+    d2 = np.sum((S - mu * np.eye(K)) ** 2)
+    b2 = sum(np.sum((np.outer(x, x) - S) ** 2) for x in X) / n**2
+    return float(min(1.0, max(0.0, b2 / d2)))
+
+
+@pytest.mark.parametrize("float32_sums", [False, True])
+def test_shrinkage_equals_ledoit_wolf(float32_sums):
+    # from the streamed Σ‖x‖⁴ and the packed Gram, against the textbook formula on the vectors
+    rng = np.random.default_rng(3)
+    mixing = rng.standard_normal((12, 12))
+    X = (rng.standard_normal((40, 12)) @ mixing).astype(np.float32)  # correlated inputs
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [inp], [out])
+    spec = LayerSpec("L", "x", "dense", feature_axis=-1)
+    batches = [{"x": X[i:i + 7]} for i in range(0, 40, 7)]
+    stats = collect_statistics(model, [spec], batches, progress=False, precision="float64",
+                               float32_sums_from=1 if float32_sums else None)["L"]
+    assert stats.fourth[0] == pytest.approx(float(np.sum(np.sum(X.astype(np.float64) ** 2, axis=1) ** 2)), rel=1e-9)
+    assert stats.shrinkage() == pytest.approx(_ledoit_wolf(X.astype(np.float64)), rel=1e-4 if float32_sums else 1e-9)
+    # a conv's groups: each group's patches, the mean over groups
+    x = rng.standard_normal((3, 4, 6, 6)).astype(np.float32)
+    conv = LayerSpec("C", "x", "conv", kernel_shape=(3, 3), group=2)
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])
+    model = make_model([helper.make_node("Identity", ["x"], ["y"])], [inp], [out])
+    stats = collect_statistics(model, [conv], [{"x": x}], progress=False, precision="float64")["C"]
+    patches = im2col(x.astype(np.float64), conv)  # (G, rows, K)
+    assert stats.shrinkage() == pytest.approx(np.mean([_ledoit_wolf(p) for p in patches]), rel=1e-9)
+
+
+def test_isotropic_inputs_are_not_fitted_to_noise(tmp_path):
+    # 64 isotropic vectors for 32 inputs: nothing to learn but sampling noise. The
+    # shrinkage is ~1, the re-fit stays near the masked weights and the held-out error is
+    # no worse than magnitude pruning's (a fixed 1% damping fitted the noise: ~40% worse)
+    from nmcompile.pipeline import compile_model
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [inp], [out], [numpy_helper.from_array(w, "w")])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((64, 32)).astype(np.float32))
+    held_out = rng.standard_normal((2000, 32)).astype(np.float32)
+    dense = held_out @ w
+
+    def error(path):
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": held_out})[0]
+        return float(np.sum((got - dense) ** 2) / np.sum(dense**2))
+
+    magnitude = error(compile_model(tmp_path / "m.onnx", tmp_path / "mag.onnx").paths.model)
+    for sequential in (False, True):
+        result = compile_model(tmp_path / "m.onnx", tmp_path / "cal.onnx", calib=tmp_path / "c.npz", sequential_calib=sequential)
+        (row,) = result.report["layers"]
+        assert row["shrinkage"] > 0.9 and row["damping"] > 1.0
+        assert any("say little about its inputs" in n for n in row["notes"])
+        assert error(result.paths.model) <= magnitude * 1.02
