@@ -448,7 +448,7 @@ class _Accumulator:
 
         def job(r0):
             c = np.ascontiguousarray(X[r0:r0 + step], dtype=dtype)
-            norms = np.einsum("ij,ij->i", c, c, dtype=np.float64)
+            norms = np.einsum("ij,ij->i", c, c).astype(np.float64)  # in c's dtype: no float64 copy of the chunk
             fourth = np.array([norms @ norms])
             if blocked:
                 return _Patches(np.ascontiguousarray(c.T)[None]), c.sum(axis=0, dtype=np.float64)[None], fourth
@@ -484,7 +484,7 @@ class _Accumulator:
         def job(n0, h0):
             v = _window_view(x[n0:n0 + n_step], spec)  # pads this sample chunk only
             P = _patches_T(v[:, :, h0:h0 + h_step], G, dtype)  # (G, K, rows)
-            norms = np.einsum("gkr,gkr->gr", P, P, dtype=np.float64)
+            norms = np.einsum("gkr,gkr->gr", P, P).astype(np.float64)  # in P's dtype: no float64 copy of the patches
             fourth = np.einsum("gr,gr->g", norms, norms)
             if blocked:
                 return _Patches(P), P.sum(axis=2, dtype=np.float64), fourth
