@@ -60,8 +60,8 @@ encoder, 7.98e-4 -> 5.46e-4 on a BERT-style L4 H256 encoder (ORT Entropy: 1.2e-4
 4.5e-4, 2.8e-3), and lower as well when fitted on one half of each calibration
 set and measured on the other (so not an overfit to the calibration data);
 test accuracies unchanged. Cost: the Gram products and an O(K^3 + O K^2) sweep
-per layer: the BERT-style encoder's quantize call 0.71 s -> 1.56 s (ORT Entropy
-2.22 s: 3.1x -> 1.4x faster), peak increase 91 -> 115 MB (ORT Entropy 942 MB).
+per layer: the BERT-style encoder's quantize call 0.57 s -> 1.37 s (ORT Entropy
+2.03 s: 3.6x -> 1.5x faster), peak increase 88 -> 112 MB (ORT Entropy 943 MB).
 No test-set top-1 changes on the shipped models, so the fast path stays the
 default and gptq is asked for (--weight-rounding gptq).
 The report row gives ``weight_rounding`` and ``weight_output_error_vs_nearest``
