@@ -197,6 +197,10 @@ def _elem_dtype(vi: onnx.ValueInfoProto) -> np.dtype | None:
         return None
 
 
+# dim_params exporters write for "unknown" (paddle2onnx: "?"): no shared size to agree on
+ANONYMOUS_DIMS = ("?", "-1", "unk", "None")
+
+
 def pop_labels(model: onnx.ModelProto, data: dict) -> np.ndarray | None:
     """Take out an array named ``labels`` that is not a model input: class indices that
     `verify` scores classifier outputs against, so one data file serves every command."""
@@ -261,7 +265,7 @@ def validate_calibration(model: onnx.ModelProto, data: Mapping[str, np.ndarray])
                     bad |= int(d.dim_value) != n
                 else:
                     want_shape.append(d.dim_param or "?")
-                    if d.dim_param:  # inputs naming the same dimension must agree on it
+                    if d.dim_param and d.dim_param not in ANONYMOUS_DIMS:  # inputs naming the same dimension must agree on it
                         seen = symbolic.setdefault(d.dim_param, (n, vi.name))
                         if seen[0] != n:
                             raise UserError(f"calibration arrays {seen[1]!r} and {vi.name!r} disagree on the "

@@ -65,7 +65,7 @@ def _compile_parser(prog: str) -> argparse.ArgumentParser:
     q = p.add_argument_group("quantization")
     q.add_argument("--quantize", choices=("int8", "log", "lut"), help="int8: explicit QDQ (per-channel int8 weights, calibrated per-tensor activations; needs --calib); log: weight-only sign + power-of-two codes; lut: weight-only k-means codebook")
     q.add_argument("--bits", type=int, help="code width for --quantize log/lut (2-8, default 4)")
-    q.add_argument("--calib-method", choices=("kl", "minmax", "percentile", "auto"), help="activation thresholds for int8: TensorRT's KL search, min/max, percentile, or auto (per tensor, lowest quantization error; default)")
+    q.add_argument("--calib-method", choices=("kl", "minmax", "percentile", "auto"), help="activation thresholds for int8: min/max (default: clips nothing; on the real PP-OCRv4 recognizer it keeps the float model's accuracy where clipping methods lose lines), TensorRT's KL search, percentile, or auto (per tensor, lowest quantization error, checked against min/max on the model's output)")
     q.add_argument("--max-error", type=float, metavar="E", help="output error budget (1 - cosine to the unquantized model on the calibration data): keep the most sensitive layers in float until it is met")
     q.add_argument("--no-float16-params", action="store_true", help="log/lut: keep biases and normalization parameters in float32 (by default they are stored as float16 where that is within 2^-11)")
     q.add_argument("--no-code-tables", action="store_true", help="log/lut: keep Gather tables (embeddings) in float (by default large ones are coded like weights)")
@@ -134,7 +134,7 @@ def run_compile(args) -> int:
         permute=args.permute,
         quantize=args.quantize,
         bits=4 if args.bits is None else args.bits,
-        calib_method=args.calib_method or "auto",
+        calib_method=args.calib_method or "minmax",
         max_error=args.max_error,
         stats_budget_mb=args.stats_budget,
         sensitivity=args.sensitivity,

@@ -45,7 +45,7 @@ class CompileOptions:
     permute: bool = False
     quantize: str | None = None
     bits: int = 4
-    calib_method: str = "auto"
+    calib_method: str = "minmax"
     max_error: float | None = None
     float16_params: bool = True  # log / lut: biases and norm parameters stored as float16 where within 2^-11
     quantize_tables: bool = True  # log / lut: code large Gather tables (embeddings) like weights
@@ -172,6 +172,11 @@ def build_pipeline(options: CompileOptions) -> PassManager:
     pruning = options.pattern is not None
     calibrated = pruning and options.calib is not None
     passes = canonicalize_passes() + [FindTargets()]
+    if options.quantize == "int8":
+        from nmcompile.passes.opset import UpgradeOpset
+        from nmcompile.passes.quantize import INT8_OPSET
+
+        passes.insert(0, UpgradeOpset(INT8_OPSET))  # first: the converter returns a new graph
     if pruning and options.permute:
         from nmcompile.passes.permute import PermuteChannels  # numba kernels: only with --permute
 
@@ -229,7 +234,7 @@ def compile_model(
     permute: bool = False,
     quantize: str | None = None,
     bits: int = 4,
-    calib_method: str = "auto",
+    calib_method: str = "minmax",
     max_error: float | None = None,
     stats_budget_mb: float | None = None,
     sensitivity: bool = False,

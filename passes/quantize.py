@@ -4,8 +4,13 @@ Options read from ``ctx.options`` (``getattr`` with these defaults):
 
 ``quantize``            "int8" | "log" | "lut" (the pass does nothing when it is None).
 ``bits``                code width for log / lut, 2..8 (default 4); int8 is always 8.
-``calib_method``        "kl" | "minmax" | "percentile" | "auto" (default "auto"):
+``calib_method``        "kl" | "minmax" | "percentile" | "auto" (default "minmax"):
                         how each activation threshold is chosen from its histogram.
+                        minmax clips nothing: on the real PP-OCRv4 text recognizer
+                        (64 calibration lines, 128 held out) it decoded as many lines
+                        correctly as the float model (64.8%), percentile 53.1%,
+                        auto 26.6% and kl 0%, though auto had the lowest output
+                        error by cosine; ORT's quantize_static 46.9%.
 ``max_error``           None, or the output-error budget (see *Output error* below):
                         the most sensitive layers are kept in float until the
                         quantized model's error on the calibration data is within it.
@@ -300,7 +305,7 @@ _OUTPUT_OK = {
 class QuantOptions:
     mode: str
     bits: int = 4
-    calib_method: str = "auto"
+    calib_method: str = "minmax"
     max_error: float | None = None
     percentile: float = 99.99
     sensitivity: bool | None = None
@@ -329,7 +334,7 @@ class QuantOptions:
             raise UserError(f"--bits {bits!r}: expected an integer") from None
         if mode != "int8" and not 2 <= bits <= 8:
             raise UserError(f"--bits {bits}: {mode} codes take 2 to 8 bits")
-        method = getattr(opts, "calib_method", None) or "auto"
+        method = getattr(opts, "calib_method", None) or "minmax"
         if method not in CALIB_METHODS:
             raise UserError(f"--calib-method {method!r}: expected one of {', '.join(CALIB_METHODS)}")
         max_error = getattr(opts, "max_error", None)
@@ -1176,6 +1181,33 @@ class _Int8:
         s.threshold, s.method = float(t), method
         if mse is None:
             mse = qm.histogram_quantization_error(h, s.threshold, 8)
+        power = s.sumsq / s.count if s.count else 0.0
+        s.sqnr = math.inf if mse == 0 else (10 * math.log10(power / mse) if power > 0 else -math.inf)
+
+    def guard_clipping(self, evaluator: "_Evaluator") -> dict | None:
+        """auto picks each tensor's threshold by that tensor's own error, which can clip
+        values later layers need: on the PP-OCRv4 text recognizer auto's and kl's clipped
+        thresholds decoded 27% and 0% of the lines the float model reads, minmax 65% (as
+        many as float). Both threshold sets are measured on the model's output over the
+        calibration data, and the one with the lower error is kept. Returns that error
+        (the all-layers-quantized one), or None when auto clipped nothing."""
+        clipped = [s for s in self.stats.values() if s.hist is not None and s.threshold < s.max_abs]
+        if not clipped:
+            return None
+        auto_err = evaluator.error(self.edit(set()))
+        saved = [(s, s.threshold, s.method, s.sqnr) for s in clipped]
+        for s in clipped:
+            self._set_threshold(s, s.max_abs, "minmax (auto's clipping raised the output error)")
+        minmax_err = evaluator.error(self.edit(set()))
+        if minmax_err["one_minus_cosine"] <= auto_err["one_minus_cosine"]:
+            return minmax_err
+        for s, threshold, method, sqnr in saved:
+            s.threshold, s.method, s.sqnr = threshold, method, sqnr
+        return auto_err
+
+    def _set_threshold(self, s: _ActStats, threshold: float, method: str) -> None:
+        s.threshold, s.method = float(threshold), method
+        mse = qm.histogram_quantization_error(s.hist, s.threshold, 8)
         power = s.sumsq / s.count if s.count else 0.0
         s.sqnr = math.inf if mse == 0 else (10 * math.log10(power / mse) if power > 0 else -math.inf)
 
@@ -2471,8 +2503,10 @@ class Quantize(Pass):
         float_set: set[str] = set()
         sens: dict[str, float] = {}
         err_all = None
+        if qopts.mode == "int8" and qopts.calib_method == "auto" and evaluator is not None and candidates:
+            err_all = impl.guard_clipping(evaluator)
         if evaluator is not None and candidates and (sens_on or qopts.max_error is not None):
-            err_all = evaluator.error(impl.edit(set()))
+            err_all = err_all or evaluator.error(impl.edit(set()))
             if sens_on or (qopts.max_error is not None and err_all["one_minus_cosine"] > qopts.max_error):
                 for l in ctx.progress(candidates, desc="quantization sensitivity"):
                     sens[l.target.name] = evaluator.error(impl.edit({l.target.name}))["one_minus_cosine"]
