@@ -13,14 +13,15 @@ models' calibration .npz; for BERT 64 sequences), the output models all QDQ:
                 per_channel=True, CalibrationMethod.MinMax, other options default
                 (int8 activations, asymmetric), a CalibrationDataReader over the batches
   ORT Entropy   the same with CalibrationMethod.Entropy (its defaults: 128 bins)
-  nmc auto      nmcompile's quantize pass, int8, at its defaults: calib_method="auto"
-                (per tensor the lowest-error of kl / minmax / percentiles), nearest
-                weight rounding, no sensitivity pass
+  nmc minmax    nmcompile's quantize pass, int8, at its defaults: calib_method="minmax"
+                (no clipping), nearest weight rounding, no sensitivity pass
   nmc gptq      the same with weight_rounding="gptq" (error-compensating, from the
                 layer-input Grams summed during calibration; --weight-rounding gptq)
+  nmc auto      calib_method="auto" (per tensor the lowest-error of kl / minmax /
+                percentiles, then checked against minmax on the model's output)
   nmc kl        calib_method="kl" (TensorRT entropy, 2048 bins)
-  nmc auto+sens calib_method="auto" with the per-layer sensitivity pass (L+1 extra
-                runs over the calibration data; what --max-error needs)
+  nmc min+sens  the default with the per-layer sensitivity pass (L+1 extra runs
+                over the calibration data; what --max-error needs)
 
 Each subprocess imports what its quantizer needs (onnxruntime.quantization, or
 what the `nmcompile` command loads: its pipeline, scipy included) and loads the
@@ -242,10 +243,11 @@ def main() -> None:
     quantizers = [
         ("ORT MinMax", {"tool": "ort", "method": "minmax"}),
         ("ORT Entropy", {"tool": "ort", "method": "entropy"}),
+        ("nmc minmax", {"tool": "nmc", "method": "minmax", "sensitivity": None}),
+        ("nmc gptq", {"tool": "nmc", "method": "minmax", "sensitivity": None, "rounding": "gptq"}),
         ("nmc auto", {"tool": "nmc", "method": "auto", "sensitivity": None}),
-        ("nmc gptq", {"tool": "nmc", "method": "auto", "sensitivity": None, "rounding": "gptq"}),
         ("nmc kl", {"tool": "nmc", "method": "kl", "sensitivity": None}),
-        ("nmc auto+sens", {"tool": "nmc", "method": "auto", "sensitivity": True}),
+        ("nmc min+sens", {"tool": "nmc", "method": "minmax", "sensitivity": True}),
     ]
     print(f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs; quantizers: median of {args.repeats} runs; latency: median of "
           f"{args.rounds} interleaved runs, {args.threads or 'default'} intra-op thread(s), batch 64 (digits) / 4x64 tokens (BERT)")
