@@ -682,3 +682,33 @@ def test_sparse_initializer_weight_is_left_float(tmp_path):
     result = compile_model(src, tmp_path / "o.onnx", pattern=None, quantize="int8", calib=tmp_path / "c.npz")
     sess = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("minmax_better", [True, False])
+def test_auto_keeps_the_thresholds_with_the_lower_output_error(work, monkeypatch, minmax_better):
+    # auto's clipped thresholds are measured against min/max on the model's output; the
+    # evaluator is made to favour one or the other, and the report shows which was kept
+    from nmcompile.passes import quantize as qz
+
+    real = qz._Evaluator.error
+    calls = []
+
+    def error(self, edit):
+        got = dict(real(self, edit))
+        calls.append(got)
+        if len(calls) <= 2:  # auto's, then min/max's (the guard)
+            better = (len(calls) == 2) == minmax_better
+            got["one_minus_cosine"] = 1e-6 if better else 1e-3
+        return got
+
+    monkeypatch.setattr(qz._Evaluator, "error", error)
+    ctx = quantize(MODELS / "digits_cnn.onnx", work / f"guard_{minmax_better}.onnx", batches_of(digits_calib()),
+                   calib_method="auto", quant_sensitivity=False)
+    methods = [a["method"] for t in ctx.artifacts["targets"] for a in ctx.layers[t.name]["quant"]["activations"]]
+    assert len(calls) == 2
+    switched = [m for m in methods if m.startswith("minmax (auto's clipping")]
+    if minmax_better:  # every clipped threshold raised to the tensor's max |x|
+        assert switched
+    else:
+        assert not switched and any(m == "kl" or m.startswith("percentile") for m in methods)
+    assert ctx.artifacts["quantization"]["output_error"]["one_minus_cosine"] == pytest.approx(1e-6)
